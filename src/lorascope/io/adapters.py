@@ -1,0 +1,230 @@
+"""Fine-tuned weights as updates of a base: full checkpoints and PEFT adapters behind one interface.
+
+A ``TunedSource`` lists the base weight names it changes and, given the base matrix, returns the
+update ΔW in the (out, in) layout of ``layout.orient``. Plain LoRA comes back as factors
+(``LowRankDelta``) and is never multiplied out; everything else is a dense ΔW for one matrix at a
+time. A new adapter format (kohya, diffusers) is one more class with these two methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lorascope.errors import InputError, MismatchError
+from lorascope.io.checkpoint import Checkpoint, resolve_path
+from lorascope.io.layout import align_names, orient, unorient
+from lorascope.spectral.operators import Delta, LowRankDelta
+
+_PEFT_PREFIX = "base_model.model."
+
+
+class TunedSource(Protocol):
+    description: str
+    kind: str  # "full" | "lora" | "peft"
+
+    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+        """{base weight name: tuned reference} for every matrix this source changes."""
+        ...
+
+    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
+        """ΔW for one matrix, in (out, in) layout, given the oriented base matrix W0."""
+        ...
+
+
+def open_tuned(spec: str) -> TunedSource:
+    """A PEFT adapter folder (adapter_config.json) or a full checkpoint (folder, file or hub id)."""
+    path = resolve_path(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return PeftAdapter(path)
+    return FullCheckpoint(Checkpoint(path))
+
+
+class FullCheckpoint:
+    """A fully fine-tuned model: ΔW = W_t − W_0, dense."""
+
+    kind = "full"
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.description = str(ckpt.root)
+
+    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+        tuned = [k for k in self.ckpt.keys() if len(self.ckpt.shape(k)) == 2]
+        mapping = align_names(base_kinds, tuned)
+        if not mapping:
+            raise MismatchError(
+                f"{self.ckpt.root} shares no weight matrix with {base.root}: is it a fine-tune of that base?"
+            )
+        return {b: t for t, b in mapping.items()}
+
+    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
+        return replacement_delta(self.ckpt, ref, W0, kind)
+
+
+def replacement_delta(ckpt: Checkpoint, name: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
+    """ΔW = W_t − W_0 for a tuned weight stored in full under ``name``."""
+    Wt = orient(ckpt.get(name), kind).to(W0.device, W0.dtype)
+    if Wt.shape != W0.shape:
+        raise MismatchError(
+            f"{ckpt.file_of(name)}: tensor '{name}' has shape {tuple(Wt.shape)} but the base "
+            f"matrix has {tuple(W0.shape)}"
+        )
+    return Wt - W0
+
+
+class PeftAdapter:
+    """A PEFT adapter folder: adapter_config.json plus adapter_model.safetensors (or .bin).
+
+    LoRA (incl. rsLoRA, rank_pattern / alpha_pattern, fan_in_fan_out, embeddings) is read as factors:
+    ΔW = s·B A with s = α/r, or α/√r with rsLoRA (PEFT ``LoraLayer.update_layer``). DoRA and the
+    other PEFT tuners (LoHa, LoKr, AdaLoRA, OFT, …) go through PEFT's own layer: the one module is
+    rebuilt with the base weight, the adapter loaded into it and merged, and ΔW read back.
+    """
+
+    kind = "lora"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.description = str(self.root)
+        self.config: dict = json.loads((self.root / "adapter_config.json").read_text())
+        weights = [self.root / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+        weights = [w for w in weights if w.is_file()]
+        if not weights:
+            raise InputError(f"{self.root}: adapter_config.json but no adapter_model.safetensors or .bin")
+        self.weights = Checkpoint(weights[0])
+        self.peft_type = self.config.get("peft_type", "LORA")
+        if self.config.get("target_parameters"):
+            raise InputError(f"{self.root}: adapters on target_parameters (MoE experts) are not supported")
+        plain_lora = self.peft_type == "LORA" and not self.config.get("use_dora")
+        self.kind = "lora" if plain_lora else "peft"
+        self._modules: dict[str, dict[str, str]] = {}  # module path -> {role: tensor key}
+        self._saved: dict[str, str] = {}  # full weights of modules_to_save: param name -> key
+        for key in self.weights.keys():
+            name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            path, role = _split_adapter_key(name)
+            if role is None:
+                self._saved[name] = key
+            else:
+                self._modules.setdefault(path, {})[role] = key
+
+    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+        wanted = {f"{p}.weight": p for p in self._modules}
+        mapping = align_names(base.keys(), list(wanted) + list(self._saved))
+        missing = [w for w in wanted if w not in mapping]
+        if missing:
+            raise MismatchError(
+                f"{self.weights.root}: the adapter targets '{wanted[missing[0]]}' "
+                f"({len(missing)} module(s) in all) but the base {base.root} has no such weight: wrong base?"
+            )
+        out: dict[str, str] = {}
+        for tuned_name, base_name in mapping.items():
+            if base_name not in base_kinds:
+                raise MismatchError(
+                    f"{self.weights.root}: the adapter changes '{base_name}', which is not a Linear, Conv1D "
+                    "or Embedding weight of the base"
+                )
+            out[base_name] = wanted.get(tuned_name, "saved:" + tuned_name)
+        return out
+
+    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
+        if ref.startswith("saved:"):  # modules_to_save: a full replacement weight
+            return replacement_delta(self.weights, self._saved[ref[len("saved:"):]], W0, kind)
+        roles = self._modules[ref]
+        if self.kind == "lora" and {"A", "B"} <= roles.keys():
+            A = self.weights.get(roles["A"]).to(W0.device, W0.dtype)
+            B = self.weights.get(roles["B"]).to(W0.device, W0.dtype)
+            d = LowRankDelta(B, A, self.scaling(ref, A.shape[0]))
+            if d.shape != tuple(W0.shape):
+                raise MismatchError(
+                    f"{self.weights.root}: LoRA factors of '{ref}' give ΔW of shape {d.shape} but the "
+                    f"base matrix is {tuple(W0.shape)} (layout {kind}): wrong base?"
+                )
+            return d
+        return self._peft_delta(ref, W0, kind)
+
+    def scaling(self, module: str, r: int) -> float:
+        """PEFT's scaling for ``module``: α/r, or α/√r with use_rslora; α from alpha_pattern if a
+        pattern matches (``peft.utils.other.get_pattern_key``)."""
+        from peft.utils.other import get_pattern_key
+
+        alpha = self.config.get("lora_alpha", 8)
+        patterns = self.config.get("alpha_pattern") or {}
+        key = get_pattern_key(list(patterns), module)
+        alpha = patterns.get(key, alpha)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def _peft_delta(self, module: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
+        """ΔW through PEFT itself: rebuild the module alone, inject the adapter, load, merge, diff."""
+        import peft
+        from transformers.pytorch_utils import Conv1D
+
+        stored = unorient(W0, kind).detach().clone()
+        if kind == "linear":
+            layer: torch.nn.Module = torch.nn.Linear(stored.shape[1], stored.shape[0], bias=False)
+        elif kind == "conv1d":
+            layer = Conv1D(stored.shape[1], stored.shape[0])
+        else:
+            layer = torch.nn.Embedding(*stored.shape)
+        layer = layer.to(stored.device, stored.dtype)
+        layer.weight.data.copy_(stored)
+        root = torch.nn.Module()
+        parent = root
+        *parents, leaf = module.split(".")
+        for p in parents:
+            child = torch.nn.Module()
+            parent.add_module(p, child)
+            parent = child
+        parent.add_module(leaf, layer)
+
+        cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[self.peft_type]
+        cfg_dict = {k: v for k, v in self.config.items() if k in cls.__dataclass_fields__}
+        config = cls(**cfg_dict)
+        config.modules_to_save = None
+        config.inference_mode = False
+        try:
+            peft.inject_adapter_in_model(config, root, adapter_name="default")
+            state = {_with_adapter_name(self._modules[module][r][len(_PEFT_PREFIX):], module):
+                     self.weights.get(self._modules[module][r]) for r in self._modules[module]}
+            result = root.load_state_dict(state, strict=False)
+            if result.unexpected_keys:
+                raise InputError(f"PEFT did not take tensors {result.unexpected_keys}")
+            target = root.get_submodule(module)
+            target.merge(adapter_names=["default"])
+            merged = target.get_base_layer().weight.detach()
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(
+                f"{self.root}: cannot compute the update of '{module}' for PEFT type {self.peft_type} "
+                f"through PEFT ({type(e).__name__}: {e}); this adapter type is not supported"
+            ) from e
+        return orient(merged, kind).to(W0.dtype) - W0
+
+
+_ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_TUNER_PREFIXES = (
+    "lora_", "hada_", "lokr_", "oft_", "boft_", "vera_", "ia3_", "ranknum", "fourierft_", "ln_",
+)
+
+
+def _split_adapter_key(name: str) -> tuple[str, str | None]:
+    """'a.b.lora_A.weight' -> ('a.b', 'A'); 'a.b.hada_w1_a' -> ('a.b', 'hada_w1_a'); a full weight
+    (modules_to_save) -> (name, None)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.startswith(_TUNER_PREFIXES):
+            role = _ROLES.get(p, ".".join(parts[i:]))
+            return ".".join(parts[:i]), role
+    return name, None
+
+
+def _with_adapter_name(name: str, module: str) -> str:
+    """Insert PEFT's adapter name: 'm.lora_A.weight' -> 'm.lora_A.default.weight', 'm.hada_w1_a' ->
+    'm.hada_w1_a.default' (the saved file strips it; the live module has it)."""
+    rest = name[len(module) + 1:].split(".")
+    return ".".join([module, rest[0], "default", *rest[1:]])

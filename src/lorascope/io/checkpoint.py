@@ -1,0 +1,164 @@
+"""Lazy access to the tensors of a model checkpoint: a Hugging Face folder, a hub id or one file.
+
+Nothing is loaded until a tensor is asked for, and then only that tensor, so a scan holds one matrix
+pair in memory whatever the model size (mergekit's lazy loader works the same way).
+
+Formats, in order of preference:
+- ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (any ``*.safetensors`` index);
+- ``pytorch_model.bin`` / sharded ``.bin``, loaded with ``torch.load(weights_only=True, mmap=True)``;
+- a single ``.safetensors`` or ``.bin``/``.pt`` file;
+- a ``.gguf`` file, dequantised through transformers (small models only: it is not streamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lorascope.errors import InputError, NonFiniteError
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def resolve_path(spec: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """Return a local path for ``spec``: an existing file or folder, else a hub id downloaded by
+    huggingface_hub (the only network access lorascope makes, and only when a hub id is named)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    text = str(spec)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):
+        raise InputError(f"{spec}: no such file or folder")
+    from huggingface_hub import snapshot_download
+
+    patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt"]
+    try:
+        local = Path(snapshot_download(text, allow_patterns=patterns))
+        if not any(local.glob("*.safetensors")) and allow_patterns is None:
+            # Old repositories ship only pickled weights; torch.load(weights_only=True) reads them safely.
+            local = Path(snapshot_download(text, allow_patterns=patterns + ["*.bin"]))
+    except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
+        raise InputError(f"{spec}: not a local path, and the hub download failed: {e}") from e
+    return local
+
+
+class Checkpoint:
+    """Read-only, lazy view of one checkpoint's tensors by name."""
+
+    def __init__(self, spec: str | os.PathLike):
+        self.spec = str(spec)
+        self.root = resolve_path(spec)
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        self._state: dict[str, torch.Tensor] | None = None  # for formats that cannot be read lazily
+        self.config: dict = {}
+        self._index()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _index(self) -> None:
+        root = self.root
+        if root.is_file():
+            self._index_file(root)
+            cfg = root.parent / "config.json"
+        else:
+            files = _weight_files(root)
+            if not files:
+                raise InputError(
+                    f"{root}: no model weights found (expected *.safetensors, a safetensors index, "
+                    "pytorch_model*.bin or a .gguf file)"
+                )
+            for f in files:
+                self._index_file(f)
+            cfg = root / "config.json"
+        if cfg.is_file():
+            self.config = json.loads(cfg.read_text())
+        if not self._where:
+            raise InputError(f"{root}: the weight files hold no tensors")
+
+    def _index_file(self, f: Path) -> None:
+        suffix = f.suffix
+        if suffix == ".safetensors":
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise InputError(f"{f}: not a readable safetensors file ({e})") from e
+            self._handles[f] = handle
+            for k in handle.keys():
+                self._where[k] = f
+        elif suffix in {".bin", ".pt", ".pth"}:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise InputError(f"{f}: cannot be read with torch.load(weights_only=True): {e}") from e
+            if not isinstance(sd, dict):
+                raise InputError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
+            sd = sd.get("state_dict", sd)
+            self._state = {**(self._state or {}), **{k: v for k, v in sd.items() if torch.is_tensor(v)}}
+            for k in sd:
+                self._where[k] = f
+        elif suffix == ".gguf":
+            for k, v in _load_gguf(f).items():
+                self._state = self._state or {}
+                self._state[k] = v
+                self._where[k] = f
+        else:
+            raise InputError(f"{f}: unknown weight format '{suffix}' (expected .safetensors, .bin or .gguf)")
+
+    # -- access ----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self._where[name]
+        if f in self._handles:
+            return tuple(self._handles[f].get_slice(name).get_shape())
+        return tuple(self._state[name].shape)
+
+    def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
+        """Load one tensor (a copy on CPU), raising NonFiniteError if it holds NaN or Inf."""
+        if name not in self._where:
+            raise InputError(f"{self.root}: no tensor named '{name}'")
+        f = self._where[name]
+        t = self._handles[f].get_tensor(name) if f in self._handles else self._state[name]
+        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{f}: tensor '{name}' holds NaN or Inf values")
+        return t
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The weight files of a folder, safetensors first; shards come from the index when present."""
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        for index in sorted(root.glob(pattern)):
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            shards = sorted({root / v for v in weight_map.values()})
+            missing = [s for s in shards if not s.is_file()]
+            if missing:
+                raise InputError(f"{index}: names shard {missing[0].name}, which is missing")
+            return shards
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin", "*.gguf"):
+        found = sorted(p for p in root.glob(pattern) if not p.name.startswith("adapter_"))
+        if found:
+            return found[:1] if pattern.endswith(".gguf") else found
+    return []
+
+
+def _load_gguf(f: Path) -> dict[str, torch.Tensor]:
+    """Dequantise a GGUF file into HF tensor names through transformers (needs the gguf package)."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    except Exception as e:
+        raise InputError(f"{f}: cannot be dequantised by transformers (is `gguf` installed?): {e}") from e
+    return {k: v.detach() for k, v in model.state_dict().items()}

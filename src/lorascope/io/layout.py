@@ -1,0 +1,129 @@
+"""Which tensors are weight matrices, in which layout, and how names line up between checkpoints.
+
+Layouts ("kinds"):
+- ``linear``: torch.nn.Linear, stored (out, in): W as stored.
+- ``conv1d``: GPT-2's transformers Conv1D, stored (in, out): W = storedᵀ.
+- ``embedding``: torch.nn.Embedding, stored (vocab, dim). As a linear map one-hot → vector its
+  matrix is storedᵀ (dim × vocab), so its left singular vectors live in the hidden space like a
+  Linear layer's outputs (and the Gram matrix is dim × dim, not vocab × vocab).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+
+from lorascope.io.checkpoint import Checkpoint
+
+_EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type|shared)")
+
+
+def orient(stored: torch.Tensor, kind: str) -> torch.Tensor:
+    """The (out, in) matrix W of a stored weight."""
+    return stored if kind == "linear" else stored.T
+
+
+def unorient(W: torch.Tensor, kind: str) -> torch.Tensor:
+    """Inverse of ``orient``: back to the stored layout."""
+    return W if kind == "linear" else W.T
+
+
+def matrix_kinds(ckpt: Checkpoint) -> dict[str, str]:
+    """Map every 2-D weight of ``ckpt`` to its kind.
+
+    The module classes come from instantiating the model's architecture on the meta device (no
+    memory, no weights, no remote code), so Conv1D and Embedding are known exactly; a checkpoint
+    whose architecture transformers does not know falls back to names (2-D ``*.weight`` tensors
+    are Linear unless the name says embedding).
+    """
+    names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) == 2]
+    by_module = _module_kinds(ckpt.config) if ckpt.config else {}
+    out: dict[str, str] = {}
+    for name in names:
+        kind = _lookup(by_module, name) if by_module else None
+        if kind is None and not by_module:
+            kind = "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+        if kind is not None:
+            out[name] = kind
+    return out
+
+
+def _module_kinds(config: dict) -> dict[str, str]:
+    """{parameter-name suffix: kind} from a meta-device instance of the architecture, or {}."""
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        cfg_cls = transformers.AutoConfig.for_model(config["model_type"])
+        cfg = cfg_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+        arch = (config.get("architectures") or [None])[0]
+        model_cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            model = model_cls._from_config(cfg) if model_cls else transformers.AutoModel.from_config(cfg)
+    except Exception:  # unknown or custom architecture: fall back to names
+        return {}
+    kinds: dict[str, str] = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            kind = "conv1d"
+        elif isinstance(module, torch.nn.Embedding):
+            kind = "embedding"
+        elif isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        else:
+            continue
+        kinds[f"{mod_name}.weight"] = kind
+    # index every dotted suffix, so "bert.encoder.x.weight" and "encoder.x.weight" both resolve
+    index: dict[str, str] = {}
+    clash: set[str] = set()
+    for full, kind in kinds.items():
+        parts = full.split(".")
+        for i in range(len(parts) - 1):
+            suffix = ".".join(parts[i:])
+            if suffix in index and index[suffix] != kind:
+                clash.add(suffix)
+            index.setdefault(suffix, kind)
+    for s in clash:
+        index.pop(s, None)
+    return index
+
+
+def _lookup(index: dict[str, str], name: str) -> str | None:
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        kind = index.get(".".join(parts[i:]))
+        if kind is not None:
+            return kind
+    return None
+
+
+def _prefixes(keys: Iterable[str]) -> Counter:
+    c: Counter = Counter({"": 0})
+    for k in keys:
+        parts = k.split(".")
+        for depth in (1, 2):
+            if len(parts) > depth + 1:
+                c[".".join(parts[:depth]) + "."] += 1
+    return c
+
+
+def align_names(base_keys: Iterable[str], tuned_keys: Iterable[str]) -> dict[str, str]:
+    """Map tuned names to base names when the two checkpoints wrap the same backbone differently
+    (e.g. ``bert.encoder.…`` in a classifier against ``encoder.…`` in the bare model, or PEFT's
+    module paths against checkpoint keys). Tries every (strip, add) pair of leading components and
+    keeps the one that pairs the most names; names that pair under neither are left out."""
+    base = set(base_keys)
+    tuned = list(tuned_keys)
+    tuned_prefixes = [p for p, _ in _prefixes(tuned).most_common(8)]
+    base_prefixes = [p for p, _ in _prefixes(base).most_common(8)]
+    best: tuple[int, str, str] = (-1, "", "")
+    for pt in tuned_prefixes:
+        for pb in base_prefixes:
+            n = sum(1 for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base)
+            if n > best[0]:
+                best = (n, pt, pb)
+    _, pt, pb = best
+    return {k: pb + k[len(pt):] for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base}

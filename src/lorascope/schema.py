@@ -1,0 +1,211 @@
+"""The versioned result schema that scan writes and mitigate, report and experiments read.
+
+One ``ScanResult`` holds one record per (weight matrix, side). Everything model-level (totals,
+per-layer counts, ε- and k-curves) is *derived* from the records by ``summarize``, so any ε and any
+k' ≤ k can be re-counted from a saved scan without recomputing a decomposition. See docs/schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorascope.errors import InputError
+from lorascope.io.writers import atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+EPSILON_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 … 0.95
+
+
+@dataclass
+class MatrixRecord:
+    """Alg. 1 for one matrix W (out × in) and one side (left: output space, right: input space)."""
+
+    name: str  # base checkpoint tensor name
+    kind: str  # linear | conv1d | embedding
+    side: str  # left | right
+    shape: list[int]  # [out, in]
+    layer: int | None  # first integer in the name (transformer block), if any
+    module_type: str  # the name after the block index, e.g. "self_attn.q_proj"
+    singular_values: list[float]  # σ_1..σ_k of W_t
+    max_cos: list[float]  # max_i |cos(y_j, x_i)| over all base singular vectors, j = 1..k
+    best_match: list[int]  # argmax i (0-based rank of the base vector)
+    n_intruders: int  # at the scan's ε and k
+    similarity: list[list[float]]  # |cos(y_j, x_i)|, j < k tuned, i < n_map base (for similarity maps)
+    base_singular_values: list[float]  # σ_1..σ_{n_map} of W_0
+    delta_singular_values: list[float]  # top singular values of ΔW (at most 256)
+    delta_effective_rank: float  # Roy & Vetterli 2007
+    delta_stable_rank: float  # ‖ΔW‖_F² / ‖ΔW‖_2²
+    delta_rel_norm: float  # ‖ΔW‖_F / ‖W_0‖_F
+    null_max_cos: float  # mean max |cos| of a random unit vector against the base basis
+    null_max_cos_q99: float
+    exact: bool  # top-k from an exact decomposition (True) or converged subspace iteration
+
+
+@dataclass
+class ScanResult:
+    settings: dict[str, Any]
+    matrices: list[MatrixRecord]
+    versions: dict[str, str] = field(default_factory=dict)
+    unpaired: dict[str, list[str]] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    command: str | None = None
+    created: str | None = None
+    schema_version: str = SCHEMA_VERSION
+    result_kind: str = "scan"
+
+    # -- derived views ---------------------------------------------------------------------
+    @property
+    def epsilon(self) -> float:
+        return float(self.settings["epsilon"])
+
+    @property
+    def k(self) -> int:
+        return int(self.settings["k"])
+
+    def summary(self, epsilon: float | None = None, k: int | None = None) -> dict[str, Any]:
+        return summarize(self.matrices, self.epsilon if epsilon is None else epsilon, k or self.k)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per record (lists as JSON strings), for CSV, Parquet and pandas."""
+        rows = []
+        for m in self.matrices:
+            row = {key: v for key, v in asdict(m).items() if key not in ("similarity",)}
+            for key in ("shape", "singular_values", "max_cos", "best_match", "base_singular_values",
+                        "delta_singular_values"):
+                row[key] = json.dumps(row[key])
+            row["min_max_cos"] = min(m.max_cos) if m.max_cos else math.nan
+            rows.append(row)
+        return rows
+
+    def to_frame(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    # -- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "schema_version": self.schema_version,
+            "result_kind": self.result_kind,
+            "created": self.created,
+            "command": self.command,
+            "settings": self.settings,
+            "versions": self.versions,
+            "timing": self.timing,
+            "summary": self.summary(),
+            "unpaired": self.unpaired,
+            "matrices": [asdict(m) for m in self.matrices],
+        }
+        return d
+
+    def save(self, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json",)) -> list[Path]:
+        """Write ``scan.json`` (always) and ``scan.csv`` / ``scan.parquet`` on request, atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "scan.json"]
+        atomic_write_json(written[0], self.to_dict())
+        for fmt in formats:
+            if fmt == "json":
+                continue
+            if fmt == "csv":
+                import csv
+                import io
+
+                buf = io.StringIO()
+                rows = self.rows()
+                writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+                writer.writeheader()
+                writer.writerows(rows)
+                atomic_write_text(out / "scan.csv", buf.getvalue())
+                written.append(out / "scan.csv")
+            elif fmt == "parquet":
+                tmp = out / ".scan.parquet.tmp"
+                self.to_frame().to_parquet(tmp)
+                os.replace(tmp, out / "scan.parquet")
+                written.append(out / "scan.parquet")
+            else:
+                raise InputError(f"unknown output format '{fmt}' (json, csv, parquet)")
+        return written
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScanResult:
+        version = str(d.get("schema_version", ""))
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise InputError(f"scan result has schema version '{version}', this lorascope reads {SCHEMA_VERSION}")
+        return cls(
+            settings=d["settings"],
+            matrices=[MatrixRecord(**m) for m in d["matrices"]],
+            versions=d.get("versions", {}),
+            unpaired=d.get("unpaired", {}),
+            timing=d.get("timing", {}),
+            command=d.get("command"),
+            created=d.get("created"),
+            schema_version=version,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScanResult:
+        """Read a scan.json, or the scan.json inside a folder."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "scan.json"
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{p}: not a lorascope scan result ({e})") from e
+
+
+def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, Any]:
+    """Model-level counts at (ε, k), plus the ε-curve at k and the k-curve at ε, per side."""
+    out: dict[str, Any] = {"epsilon": epsilon, "k": k, "sides": {}}
+    for side in sorted({r.side for r in records}):
+        recs = [r for r in records if r.side == side]
+        counts = [sum(1 for c in r.max_cos[:k] if c < epsilon) for r in recs]
+        per_layer: dict[str, int] = {}
+        per_type: dict[str, int] = {}
+        for r, c in zip(recs, counts, strict=True):
+            layer = "none" if r.layer is None else str(r.layer)
+            per_layer[layer] = per_layer.get(layer, 0) + c
+            per_type[r.module_type] = per_type.get(r.module_type, 0) + c
+        worst = sorted(zip(counts, (r.name for r in recs), strict=True), key=lambda t: -t[0])[:10]
+        kmax = max((len(r.max_cos) for r in recs), default=0)
+        out["sides"][side] = {
+            "n_matrices": len(recs),
+            "n_intruders": sum(counts),
+            "matrices_with_intruders": sum(1 for c in counts if c > 0),
+            "per_layer": per_layer,
+            "per_module_type": per_type,
+            "worst": [{"name": n, "n_intruders": c} for c, n in worst if c > 0],
+            "epsilon_curve": {
+                "epsilon": EPSILON_GRID,
+                "n_intruders": [sum(1 for r in recs for c in r.max_cos[:k] if c < e) for e in EPSILON_GRID],
+            },
+            "k_curve": {
+                "k": list(range(1, kmax + 1)),
+                "n_intruders": [sum(1 for r in recs for c in r.max_cos[:kk] if c < epsilon)
+                                for kk in range(1, kmax + 1)],
+            },
+            "mean_delta_effective_rank": (
+                sum(r.delta_effective_rank for r in recs) / len(recs) if recs else 0.0
+            ),
+        }
+    return out
+
+
+_INT = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def parse_name(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.self_attn.q_proj.weight' -> (3, 'self_attn.q_proj'); names without a block
+    index keep their last module component ('lm_head')."""
+    stem = name[: -len(".weight")] if name.endswith(".weight") else name
+    m = _INT.search(stem)
+    if m is None:
+        return None, stem.split(".")[-1]
+    return int(m.group(1)), stem[m.end():] or stem.split(".")[-1]

@@ -1,0 +1,49 @@
+"""Spectrum of the update ΔW and the ranks derived from it."""
+
+from __future__ import annotations
+
+import torch
+
+from lorascope.spectral.operators import Delta, LowRankDelta
+
+
+def delta_singular_values(delta: Delta) -> torch.Tensor:
+    """Singular values of ΔW, descending.
+
+    Low-rank ΔW = s·B A (B: m×r, A: r×n): with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR),
+    ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ and Q_B, Q_A have orthonormal columns, so the singular values of ΔW
+    are exactly those of the r×r core s·R_B R_Aᵀ. The m×n product is never formed.
+    Dense ΔW: eigenvalues of the smaller Gram matrix.
+    """
+    if isinstance(delta, LowRankDelta):
+        rb = torch.linalg.qr(delta.B).R
+        ra = torch.linalg.qr(delta.A.T).R
+        return torch.linalg.svdvals(abs(delta.scale) * (rb @ ra.T))
+    m, n = delta.shape
+    gram = delta @ delta.T if m <= n else delta.T @ delta
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): erank = exp(H(p)), p_i = σ_i / Σ_j σ_j, H(p) = −Σ p_i log p_i (0 log 0 = 0)."""
+    s = s.double()
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(s: torch.Tensor) -> float:
+    """‖ΔW‖_F² / ‖ΔW‖_2² = Σ σ_i² / σ_1²."""
+    s = s.double()
+    return float((s**2).sum() / s[0] ** 2) if s.numel() and s[0] > 0 else 0.0
+
+
+def delta_frobenius(delta: Delta) -> float:
+    """‖ΔW‖_F, from the r×r Gram factors for a low-rank ΔW: ‖sBA‖_F² = s²·tr((BᵀB)(AAᵀ))."""
+    if isinstance(delta, LowRankDelta):
+        gram = (delta.B.T @ delta.B) * (delta.A @ delta.A.T)
+        return float(abs(delta.scale) * gram.sum().clamp_min(0).sqrt())
+    return float(delta.norm())
