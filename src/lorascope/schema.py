@@ -125,6 +125,10 @@ class ScanResult:
                 atomic_write_text(out / "scan.csv", buf.getvalue())
                 written.append(out / "scan.csv")
             elif fmt == "parquet":
+                try:
+                    import pyarrow  # noqa: F401
+                except ImportError as e:
+                    raise InputError("parquet output needs pyarrow: pip install 'lorascope[parquet]'") from e
                 tmp = out / ".scan.parquet.tmp"
                 self.to_frame().to_parquet(tmp)
                 os.replace(tmp, out / "scan.parquet")
