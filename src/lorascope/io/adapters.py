@@ -188,9 +188,10 @@ class PeftAdapter:
         config.inference_mode = False
         try:
             peft.inject_adapter_in_model(config, root, adapter_name="default")
-            state = {_with_adapter_name(self._modules[module][r][len(_PEFT_PREFIX):], module):
-                     self.weights.get(self._modules[module][r]) for r in self._modules[module]}
-            result = root.load_state_dict(state, strict=False)
+            root.peft_config = {"default": config}  # what set_peft_model_state_dict looks up
+            keys = self._modules[module].values()
+            state = {k[len(_PEFT_PREFIX):]: self.weights.get(k) for k in keys}
+            result = peft.set_peft_model_state_dict(root, state, adapter_name="default")
             if result.unexpected_keys:
                 raise InputError(f"PEFT did not take tensors {result.unexpected_keys}")
             target = root.get_submodule(module)
@@ -221,10 +222,3 @@ def _split_adapter_key(name: str) -> tuple[str, str | None]:
             role = _ROLES.get(p, ".".join(parts[i:]))
             return ".".join(parts[:i]), role
     return name, None
-
-
-def _with_adapter_name(name: str, module: str) -> str:
-    """Insert PEFT's adapter name: 'm.lora_A.weight' -> 'm.lora_A.default.weight', 'm.hada_w1_a' ->
-    'm.hada_w1_a.default' (the saved file strips it; the live module has it)."""
-    rest = name[len(module) + 1:].split(".")
-    return ".".join([module, rest[0], "default", *rest[1:]])

