@@ -227,3 +227,40 @@ def test_real_minilm_short_lora_finetune_gives_sensible_output(tmp_path):
         assert 0 < r.delta_rel_norm < 1 and r.delta_effective_rank == pytest.approx(1.0, abs=1e-6)
     # a rank-1 update adds at most one new direction per matrix
     assert all(r.n_intruders <= 1 for r in res.matrices)
+
+
+def test_kohya_lora_file_with_linear_and_conv(tmp_path):
+    """A diffusion-style base (a 1x1 proj_in Linear and a 3x3 conv) and a kohya LoRA for both."""
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "down_blocks.0.attentions.0.proj_in.weight": torch.randn(24, 16, generator=g),
+        "down_blocks.0.resnets.0.conv1.weight": torch.randn(24, 8, 3, 3, generator=g),
+        "down_blocks.0.resnets.0.norm1.weight": torch.ones(8),
+    }
+    (tmp_path / "unet").mkdir()
+    save_file(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    r = 2
+    lora = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(r, 16, generator=g),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(24, r, generator=g),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.randn(r, 8, 3, 3, generator=g),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.randn(24, r, 1, 1, generator=g),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(r, 4),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(4, r),
+    }
+    save_file(lora, tmp_path / "style.safetensors")
+    merged = dict(base)
+    p, c = "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1"
+    merged["down_blocks.0.attentions.0.proj_in.weight"] = base["down_blocks.0.attentions.0.proj_in.weight"] + (
+        1.0 / r) * lora[f"{p}.lora_up.weight"] @ lora[f"{p}.lora_down.weight"]
+    conv_delta = lora[f"{c}.lora_up.weight"].reshape(24, r) @ lora[f"{c}.lora_down.weight"].reshape(r, -1)
+    merged["down_blocks.0.resnets.0.conv1.weight"] = base["down_blocks.0.resnets.0.conv1.weight"] + (
+        conv_delta.reshape(24, 8, 3, 3))  # no alpha key: alpha = r, scale 1
+    save_file(merged, tmp_path / "merged.safetensors")
+    ra = scan(str(tmp_path / "unet"), str(tmp_path / "style.safetensors"), k=4, dtype="float64")
+    rm = scan(str(tmp_path / "unet"), str(tmp_path / "merged.safetensors"), k=4, dtype="float64")
+    assert {r.kind for r in ra.matrices} == {"linear", "conv2d"}
+    assert by_name(ra)[("down_blocks.0.resnets.0.conv1.weight", "left")].shape == [24, 72]
+    assert ra.unpaired["not_in_base"] == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+    assert_same(ra, rm)

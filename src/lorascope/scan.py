@@ -85,6 +85,7 @@ def pair_matrices(
             + (f" matching --modules '{modules}'" if modules else "")
         )
     skipped["base_only"] = sorted(set(kinds) - set(mapping)) if tuned.kind == "full" else []
+    skipped["not_in_base"] = list(getattr(tuned, "unpaired", []))
     return pairs, {k: v for k, v in skipped.items() if v}
 
 

@@ -17,6 +17,7 @@ import torch
 
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, resolve_path
+from lorascope.io.kohya import KohyaLora, is_kohya
 from lorascope.io.layout import align_names, orient, unorient
 from lorascope.spectral.operators import Delta, LowRankDelta
 
@@ -37,11 +38,15 @@ class TunedSource(Protocol):
 
 
 def open_tuned(spec: str) -> TunedSource:
-    """A PEFT adapter folder (adapter_config.json) or a full checkpoint (folder, file or hub id)."""
+    """A PEFT adapter folder (adapter_config.json), a kohya LoRA file, or a full checkpoint
+    (folder, file or hub id)."""
     path = resolve_path(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return PeftAdapter(path)
-    return FullCheckpoint(Checkpoint(path))
+    ckpt = Checkpoint(path)
+    if is_kohya(ckpt):
+        return KohyaLora(path)
+    return FullCheckpoint(ckpt)
 
 
 class FullCheckpoint:
@@ -54,7 +59,7 @@ class FullCheckpoint:
         self.description = str(ckpt.root)
 
     def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
-        tuned = [k for k in self.ckpt.keys() if len(self.ckpt.shape(k)) == 2]
+        tuned = [k for k in self.ckpt.keys() if len(self.ckpt.shape(k)) in (2, 4)]
         mapping = align_names(base_kinds, tuned)
         if not mapping:
             raise MismatchError(
@@ -136,8 +141,11 @@ class PeftAdapter:
             return replacement_delta(self.weights, self._saved[ref[len("saved:"):]], W0, kind)
         roles = self._modules[ref]
         if self.kind == "lora" and {"A", "B"} <= roles.keys():
+            # Conv2d LoRA stores A as (r, in, kh, kw) and B as (out, r, 1, 1): flatten like W0
             A = self.weights.get(roles["A"]).to(W0.device, W0.dtype)
+            A = A.reshape(A.shape[0], -1)
             B = self.weights.get(roles["B"]).to(W0.device, W0.dtype)
+            B = B.reshape(B.shape[0], -1)
             d = LowRankDelta(B, A, self.scaling(ref, A.shape[0]))
             if d.shape != tuple(W0.shape):
                 raise MismatchError(
@@ -163,6 +171,8 @@ class PeftAdapter:
         import peft
         from transformers.pytorch_utils import Conv1D
 
+        if kind == "conv2d":
+            raise InputError(f"{self.root}: {self.peft_type} adapters on Conv2d ('{module}') are not supported")
         stored = unorient(W0, kind).detach().clone()
         if kind == "linear":
             layer: torch.nn.Module = torch.nn.Linear(stored.shape[1], stored.shape[0], bias=False)

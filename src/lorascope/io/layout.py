@@ -6,6 +6,8 @@ Layouts ("kinds"):
 - ``embedding``: torch.nn.Embedding, stored (vocab, dim). As a linear map one-hot → vector its
   matrix is storedᵀ (dim × vocab), so its left singular vectors live in the hidden space like a
   Linear layer's outputs (and the Gram matrix is dim × dim, not vocab × vocab).
+- ``conv2d``: torch.nn.Conv2d, stored (out, in, kh, kw): W = stored flattened to (out, in·kh·kw),
+  the matrix that acts on an unfolded patch (how LoRA/LoCon factor convolutions).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ _EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings|position_embedding
 
 def orient(stored: torch.Tensor, kind: str) -> torch.Tensor:
     """The (out, in) matrix W of a stored weight."""
+    if kind == "conv2d":
+        return stored.reshape(stored.shape[0], -1)
     return stored if kind == "linear" else stored.T
 
 
-def unorient(W: torch.Tensor, kind: str) -> torch.Tensor:
-    """Inverse of ``orient``: back to the stored layout."""
+def unorient(W: torch.Tensor, kind: str, stored_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of ``orient``: back to the stored layout (conv2d needs the stored shape)."""
+    if kind == "conv2d":
+        if stored_shape is None:
+            raise ValueError("unorient of a conv2d matrix needs the stored shape")
+        return W.reshape(stored_shape)
     return W if kind == "linear" else W.T
 
 
@@ -39,13 +47,16 @@ def matrix_kinds(ckpt: Checkpoint) -> dict[str, str]:
     whose architecture transformers does not know falls back to names (2-D ``*.weight`` tensors
     are Linear unless the name says embedding).
     """
-    names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) == 2]
+    names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) in (2, 4)]
     by_module = _module_kinds(ckpt.config) if ckpt.config else {}
     out: dict[str, str] = {}
     for name in names:
         kind = _lookup(by_module, name) if by_module else None
         if kind is None and not by_module:
-            kind = "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+            if len(ckpt.shape(name)) == 4:
+                kind = "conv2d"
+            else:
+                kind = "embedding" if _EMBEDDING_NAME.search(name) else "linear"
         if kind is not None:
             out[name] = kind
     return out
@@ -69,6 +80,8 @@ def _module_kinds(config: dict) -> dict[str, str]:
     for mod_name, module in model.named_modules():
         if isinstance(module, Conv1D):
             kind = "conv1d"
+        elif isinstance(module, torch.nn.Conv2d):
+            kind = "conv2d"
         elif isinstance(module, torch.nn.Embedding):
             kind = "embedding"
         elif isinstance(module, torch.nn.Linear):

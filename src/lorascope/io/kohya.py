@@ -1,0 +1,79 @@
+"""kohya-ss / sd-scripts LoRA files (the usual format of diffusion LoRAs on model hubs).
+
+One ``.safetensors`` file with, per module, ``{name}.lora_down.weight`` (r × in[, kh, kw]),
+``{name}.lora_up.weight`` (out × r[, 1, 1]) and an optional scalar ``{name}.alpha``. ``name`` is the
+module path with dots replaced by underscores behind a component prefix: ``lora_unet_`` for the
+UNet (or DiT), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoders. The update is
+ΔW = (alpha / r) · up @ down, with conv weights flattened to (out, in·kh·kw) (LoCon).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorascope.errors import InputError, MismatchError
+from lorascope.io.checkpoint import Checkpoint
+from lorascope.spectral.operators import Delta, LowRankDelta
+
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
+
+
+def is_kohya(ckpt: Checkpoint) -> bool:
+    return any(k.endswith(".lora_down.weight") for k in ckpt.keys())
+
+
+class KohyaLora:
+    """A kohya LoRA file as a TunedSource. Modules of other components than the given base (e.g. the
+    text encoder when the base is a UNet) are reported as unpaired, not scanned."""
+
+    kind = "lora"
+
+    def __init__(self, path: Path):
+        self.weights = Checkpoint(path)
+        self.description = str(path)
+        self.modules: dict[str, str] = {}  # kohya module name -> key stem
+        other = [k for k in self.weights.keys() if not k.endswith((".lora_down.weight", ".lora_up.weight",
+                                                                   ".alpha"))]
+        if other:
+            raise InputError(
+                f"{path}: tensor '{other[0]}' is not plain LoRA (lora_down/lora_up/alpha); LyCORIS "
+                "variants (LoHa, LoKr, DoRA) in kohya files are not supported"
+            )
+        for k in self.weights.keys():
+            if k.endswith(".lora_down.weight"):
+                self.modules[k[: -len(".lora_down.weight")]] = k[: -len(".lora_down.weight")]
+        self.unpaired: list[str] = []
+
+    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+        flat = {name[: -len(".weight")].replace(".", "_"): name for name in base_kinds}
+        out: dict[str, str] = {}
+        for stem in self.modules:
+            module = next((stem[len(p):] for p in PREFIXES if stem.startswith(p)), stem)
+            if module in flat:
+                out[flat[module]] = stem
+            else:
+                self.unpaired.append(stem)
+        if not out:
+            raise MismatchError(
+                f"{self.description}: none of its {len(self.modules)} LoRA modules (e.g. "
+                f"'{next(iter(self.modules))}') is a weight of {base.root}: wrong base or component?"
+            )
+        return out
+
+    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
+        down = self.weights.get(f"{ref}.lora_down.weight")
+        up = self.weights.get(f"{ref}.lora_up.weight")
+        r = down.shape[0]
+        alpha_key = f"{ref}.alpha"
+        alpha = float(self.weights.get(alpha_key)) if alpha_key in self.weights else float(r)
+        B = up.reshape(up.shape[0], r).to(W0.device, W0.dtype)
+        A = down.reshape(r, -1).to(W0.device, W0.dtype)
+        d = LowRankDelta(B, A, alpha / r)
+        if d.shape != tuple(W0.shape):
+            raise MismatchError(
+                f"{self.description}: LoRA '{ref}' gives ΔW of shape {d.shape} but the base matrix is "
+                f"{tuple(W0.shape)}: wrong base?"
+            )
+        return d
