@@ -1,0 +1,268 @@
+"""Read stored results (scan, mitigation, experiment) into one ``ReportData``. Nothing is recomputed.
+
+Accepted inputs (the contract is written out in docs/report.md):
+
+- a ``scan.json`` (``ScanResult``, result_kind "scan"),
+- a ``mitigation.json`` (result_kind "mitigation": one record per changed direction),
+- a ``records.jsonl`` experiment store (one JSON object per finished unit),
+- a folder holding any of these: every ``scan.json`` and ``mitigation.json`` below it (hidden folders
+  skipped; each labelled by its folder, relative to the given one), ``records.jsonl`` at its top and
+  ``tracking.jsonl`` files (training-dynamics records) anywhere below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorascope.errors import InputError
+from lorascope.schema import ScanResult
+
+RECORDS_FILE = "records.jsonl"
+TRACKING_FILE = "tracking.jsonl"
+
+
+@dataclass
+class Run:
+    """One scan shown in the report: a full ``ScanResult``, or only the summary a record kept."""
+
+    label: str
+    summary: dict[str, Any]  # the shape of ScanResult.summary(): {"epsilon", "k", "sides": {...}}
+    result: ScanResult | None = None  # None when the record stored only a summary
+    unit: dict[str, Any] | None = None  # the experiment unit that produced it, if any
+    source: str = ""
+
+    @property
+    def side(self) -> str:
+        """The side the figures use: left (the paper's), else the only one there is."""
+        sides = self.summary.get("sides", {})
+        return "left" if "left" in sides or not sides else sorted(sides)[0]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.summary.get("sides", {}).get(self.side, {})
+
+
+@dataclass
+class Mitigation:
+    """A mitigation.json (``lorascope.mitigate.MitigationResult``): W_t' = W_t + (λ−1) Σ_{i∈I} σ_i u_i v_iᵀ,
+    flattened to one row per rescaled direction."""
+
+    label: str
+    settings: dict[str, Any]
+    summary: dict[str, Any]  # n_matrices, n_changed, n_directions, n_intruders, max_rel_error
+    changes: list[dict[str, Any]]  # matrix, target, intruder_index, base_index, max_cos, sigma_before/after
+    command: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str | None = None
+    source: str = ""
+
+
+@dataclass
+class Record:
+    """One line of records.jsonl (a finished unit) or of tracking.jsonl (a training step)."""
+
+    unit: dict[str, Any]
+    metrics: dict[str, Any]
+    run: Run | None = None  # its scan, when it names one
+    step: int | None = None  # set for training-dynamics records
+    source: str = ""  # file:line
+
+    @property
+    def n_intruders(self) -> float | None:
+        """metrics["n_intruders"] when stored, else the total of its scan (left side)."""
+        if isinstance(self.metrics.get("n_intruders"), (int, float)):
+            return self.metrics["n_intruders"]
+        if self.run is not None and "n_intruders" in self.run.stats:
+            return self.run.stats["n_intruders"]
+        return None
+
+
+@dataclass
+class ReportData:
+    root: Path
+    runs: list[Run] = field(default_factory=list)
+    mitigations: list[Mitigation] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)  # units (no step)
+    tracking: list[Record] = field(default_factory=list)  # training-dynamics points (with step)
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """Command, creation time and library versions of every stored result."""
+        out = []
+        for run in self.runs:
+            if run.result is not None:
+                r = run.result
+                out.append({"source": run.source, "kind": "scan", "command": r.command, "created": r.created,
+                            "versions": r.versions})
+        for m in self.mitigations:
+            out.append({"source": m.source, "kind": "mitigation", "command": m.command, "created": m.created,
+                        "versions": m.versions})
+        return out
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load(path: str | os.PathLike) -> ReportData:
+    """Read a result file or an experiment folder; raise InputError naming the file that is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_file():
+        data = ReportData(root=p.parent)
+        _load_file(data, p, label=_label(p.parent, p.parent))
+    else:
+        data = ReportData(root=p)
+        for f in _find(p, "scan.json") + _find(p, "mitigation.json"):
+            _load_file(data, f, label=_label(f.parent, p))
+        if (p / RECORDS_FILE).is_file():
+            _load_records(data, p / RECORDS_FILE)
+        for f in _find(p, TRACKING_FILE):
+            _load_records(data, f, tracking_label=_label(f.parent, p))
+    if not (data.runs or data.mitigations or data.records or data.tracking):
+        raise InputError(f"{p}: found no scan.json, mitigation.json, {RECORDS_FILE} or {TRACKING_FILE}")
+    _label_runs(data.runs)
+    return data
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    """Files called ``name`` below ``root``, sorted, skipping hidden folders (atomic-write temporaries)."""
+    hits = [f for f in root.rglob(name) if not any(p.startswith(".") for p in f.relative_to(root).parts)]
+    return sorted(hits)
+
+
+def _label(folder: Path, root: Path) -> str:
+    """The folder relative to the report root ('lora/r8'), or its own name when it is the root."""
+    folder, root = folder.resolve(), root.resolve()
+    if folder != root and folder.is_relative_to(root):
+        return folder.relative_to(root).as_posix()
+    return folder.name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return d
+
+
+def _load_file(data: ReportData, path: Path, label: str) -> None:
+    if path.suffix == ".jsonl":
+        _load_records(data, path, tracking_label=label if path.name == TRACKING_FILE else None)
+        return
+    d = _read_json(path)
+    kind = d.get("result_kind", "scan" if "matrices" in d else None)
+    if kind == "scan":
+        data.runs.append(_scan_run(path, d, label))
+    elif kind == "mitigation":
+        data.mitigations.append(_mitigation(path, label))
+    else:
+        raise InputError(f"{path}: result_kind '{kind}' is not one report reads (scan, mitigation)")
+
+
+def _scan_run(path: Path, d: dict[str, Any], label: str) -> Run:
+    try:
+        result = ScanResult.from_dict(d)
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a lorascope scan result ({e})") from e
+    # The summary is re-counted from the stored max-cos values (schema.summarize), not read back.
+    return Run(label=label, summary=result.summary(), result=result, source=str(path))
+
+
+def _mitigation(path: Path, label: str) -> Mitigation:
+    from lorascope.mitigate import MitigationResult  # imports torch: only when there is one to read
+
+    res = MitigationResult.load(path)
+    changes = [
+        {"matrix": m.name, "target": d.target, "intruder_index": d.intruder_index, "base_index": d.base_index,
+         "max_cos": d.intruder_max_cos, "sigma_before": d.sigma_before, "sigma_after": d.sigma_after,
+         "rel_error": m.rel_error}
+        for m in res.matrices for d in m.directions
+    ]
+    return Mitigation(label=label, settings=res.settings, summary=res.summary(), changes=changes,
+                      command=res.command, versions=res.versions, created=res.created, source=str(path))
+
+
+def _load_records(data: ReportData, path: Path, tracking_label: str | None = None) -> None:
+    """Records of an experiment store; lines of a tracking.jsonl may leave out 'unit' (named by folder)."""
+    scans: dict[Path, Run] = {Path(r.source).resolve(): r for r in data.runs if r.result is not None}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        unit = d.get("unit", {"run": tracking_label} if tracking_label is not None else None)
+        metrics = d.get("metrics")
+        if not isinstance(unit, dict) or not isinstance(metrics, dict):
+            raise InputError(f"{where}: a record needs a 'unit' object and a 'metrics' object")
+        step = d.get("step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise InputError(f"{where}: 'step' must be an integer, got {step!r}")
+        rec = Record(unit=unit, metrics=metrics, step=step, source=where)
+        if "scan" in d and d["scan"] is not None:
+            rec.run = _record_scan(d["scan"], path.parent, where, scans)
+            if step is None:  # a unit's scan is one of the report's runs, named after the unit
+                rec.run.unit = unit
+                if not any(rec.run is r for r in data.runs):
+                    data.runs.append(rec.run)
+        (data.records if step is None else data.tracking).append(rec)
+
+
+def _record_scan(scan: Any, root: Path, where: str, scans: dict[Path, Run]) -> Run:
+    """A record's ``scan``: a path (relative to the experiment folder) or a summary dict."""
+    if isinstance(scan, str):
+        p = root / scan
+        if p.is_dir():
+            p = p / "scan.json"
+        key = p.resolve()
+        if key not in scans:
+            if not p.is_file():
+                raise InputError(f"{where}: scan '{scan}' not found (looked for {p})")
+            scans[key] = _scan_run(p, _read_json(p), _label(p.parent, root))
+        return scans[key]
+    if isinstance(scan, dict) and isinstance(scan.get("sides"), dict):
+        return Run(label="", summary=scan, source=where)
+    raise InputError(f"{where}: 'scan' must be a path to a scan.json or a summary object with 'sides'")
+
+
+def _label_runs(runs: list[Run]) -> None:
+    """Runs made by experiment units are named by the unit settings that differ between them."""
+    units = [r.unit for r in runs if r.unit]
+    keys = sorted({k for u in units for k in u})
+    varying = [k for k in keys if len({json.dumps(u.get(k), sort_keys=True) for u in units}) > 1]
+    for r in runs:
+        if r.unit:
+            name = " ".join(f"{k}={r.unit[k]}" for k in varying if r.unit.get(k) is not None)
+            r.label = name or r.label or unit_label(r.unit)
+    runs.sort(key=lambda r: natural_key(r.label))  # rank=4 before rank=16
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label = f"{r.label} ({Path(r.source).parent.name if r.result else r.source.rsplit(':', 1)[-1]})"
+
+
+def natural_key(text: str) -> list[tuple[int, float | str]]:
+    """Sort key reading numbers as numbers: 'r4' < 'r16', 'lam=0.25' < 'lam=0.5'."""
+    return [(0, float(t)) if t[0].isdigit() else (1, t) for t in re.split(r"(\d+(?:\.\d+)?)", text) if t]
+
+
+def unit_label(unit: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+    return " ".join(f"{k}={v}" for k, v in unit.items() if k not in drop) or "all"
