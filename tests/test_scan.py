@@ -62,7 +62,7 @@ def assert_same(adapter_result: ScanResult, merged_result: ScanResult):
     "kind,lora",
     [
         ("bert", {}),
-        ("gpt2", {"fan_in_fan_out": True}),
+        ("gpt2", {"fan_in_fan_out": True, "modules_to_save": ["ln_f"]}),
         ("llama", {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}),
         ("llama", {"use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
     ],

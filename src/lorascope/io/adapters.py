@@ -128,6 +128,8 @@ class PeftAdapter:
             )
         out: dict[str, str] = {}
         for tuned_name, base_name in mapping.items():
+            if tuned_name in self._saved and base_name not in base_kinds:
+                continue  # a saved bias or norm weight: not a matrix, nothing to scan
             if base_name not in base_kinds:
                 raise MismatchError(
                     f"{self.weights.root}: the adapter changes '{base_name}', which is not a Linear, Conv1D "
@@ -219,7 +221,7 @@ class PeftAdapter:
 
 _ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
 _TUNER_PREFIXES = (
-    "lora_", "hada_", "lokr_", "oft_", "boft_", "vera_", "ia3_", "ranknum", "fourierft_", "ln_",
+    "lora_", "hada_", "lokr_", "oft_", "boft_", "vera_", "ia3_", "ranknum", "fourierft_", "ln_tuning_",
 )
 
 
