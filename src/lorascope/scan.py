@@ -117,7 +117,7 @@ def analyze_matrix(
         W, d = (W0, delta) if side == "left" else (W0.T, delta_T(delta))
         base = basis(f"{name}:{side}", W) if basis else left_basis(W.double())
         U0 = base.U.to(W.dtype)
-        tuned = top_k(Tuned(W, d), k, init=U0[:, : k + 8])
+        tuned = top_k(Tuned(W, d), k, init=U0)  # top_k starts from the first k + oversample columns
         cos, idx = max_abs_cos(tuned.U, U0)
         sim = (U0[:, :N_MAP].T @ tuned.U).abs().T  # (k, N_MAP)
         null = _null(W.shape[0], U0.shape[1])
@@ -139,7 +139,7 @@ def _null(dim: int, n_basis: int) -> dict[str, float]:
 
 
 def _floats(t: torch.Tensor) -> list[float]:
-    return [round(float(x), 7) for x in t.detach().cpu().flatten()]
+    return [round(x, 7) for x in t.detach().cpu().flatten().tolist()]  # one transfer, no per-element sync
 
 
 def iter_scan(
@@ -172,11 +172,16 @@ def scan(
     dtype: str = "float32",
     progress: bool = False,
     basis: BasisFn | None = None,
+    cache_dir: str | None = None,
+    cache_budget: str | int = "20GB",
 ) -> ScanResult:
     """Compare a fine-tuned model or adapter with its base (paper Alg. 1 on every matrix).
 
     ``base``: HF model folder, weight file or hub id. ``tuned``: the same for a full fine-tune, or a
     PEFT adapter folder. Returns a ``ScanResult``; ``result.save(dir)`` writes scan.json.
+    ``cache_dir``: keep base decompositions there (``lorascope.cache``, LRU within ``cache_budget``).
+    Under torchrun the matrices are split over the ranks (``lorascope.distributed``). Reads overlap
+    the arithmetic (``lorascope.pipeline``).
     """
     if not 0 < epsilon <= 1:
         raise InputError(f"epsilon must lie in (0, 1], got {epsilon}")
@@ -188,19 +193,25 @@ def scan(
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
     if torch_dtype is None:
         raise InputError(f"dtype must be float32 or float64, got '{dtype}'")
-    dev = resolve_device(device)
+    from lorascope import distributed, pipeline
+    from lorascope.cache import BasisCache
+
+    dev = distributed.setup(resolve_device(device))
     t0 = time.perf_counter()
     base_ckpt = Checkpoint(base)
     tuned_src = open_tuned(tuned)
     pairs, unpaired = pair_matrices(base_ckpt, tuned_src, modules, embeddings)
+    cache = BasisCache(cache_dir, cache_budget) if cache_dir and basis is None else None
+    share = distributed.share(pairs, base_ckpt)
     records: list[MatrixRecord] = []
-    stream = iter_scan(base_ckpt, tuned_src, pairs, k, epsilon, sides, dev, torch_dtype, basis)
+    stream = pipeline.scan_records(base_ckpt, tuned_src, share, k, epsilon, sides, dev, torch_dtype, basis, cache)
     if progress:
         from rich.progress import track
 
-        stream = track(stream, total=len(pairs), description="scanning matrices", transient=True)
+        stream = track(stream, total=len(share), description="scanning matrices", transient=True)
     for recs in stream:
         records.extend(recs)
+    records = distributed.gather(records, pairs)
     settings = dict(
         base=str(base), tuned=str(tuned), tuned_kind=tuned_src.kind, k=k, epsilon=epsilon, side=side,
         modules=modules, embeddings=embeddings, device=str(dev), dtype=dtype, base_basis_dtype="float64",

@@ -1,0 +1,113 @@
+"""Peak resident memory of ``lorascope scan`` on the CPU while it scans a model pair of ≥ 8 GB.
+
+Writes a base and a fully fine-tuned checkpoint (LLaMA-style, hidden 2048, MLP 5632, tied
+embeddings, float32, sharded safetensors; ``scan_bench.build_model``) of 4.1 GB each into a
+temporary folder, then runs ``lorascope scan BASE TUNED --device cpu`` in a child process and
+reports its peak RSS: ``ru_maxrss`` of the finished child (the kernel's high-water mark) and the
+largest value psutil saw while polling. File-backed pages of memory-mapped weights count in RSS,
+which is why the scan reads without mmap; ``--compare-mmap`` also measures the plain streaming path
+(``lorascope.scan.iter_scan``, safetensors' mmap) on the first layers for contrast.
+
+    python benchmarks/cpu_memory_bench.py --threads 2 [--layers 20] [--compare-mmap 4] [--out rss.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import scan_bench  # noqa: E402
+
+SHAPE = dict(hidden=2048, intermediate=5632, layers=20, heads=16, kv_heads=16)
+MMAP_SCRIPT = """
+import sys, torch
+from lorascope.io.adapters import open_tuned
+from lorascope.io.checkpoint import Checkpoint
+from lorascope.scan import iter_scan, pair_matrices
+b, t = Checkpoint(sys.argv[1]), open_tuned(sys.argv[2])
+pairs, _ = pair_matrices(b, t, modules=sys.argv[3])
+for _ in iter_scan(b, t, pairs, 10, 0.5, ("left",), torch.device("cpu"), torch.float32):
+    pass
+"""
+
+
+PEAK = "import atexit, resource, sys; atexit.register(lambda: print('MAXRSS_KB', " \
+       "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr, flush=True))\n"
+
+
+def run_child(code: str, argv: list[str], env: dict) -> dict:
+    """Run ``code`` in a child Python with ``argv``; return wall seconds, the child's own ru_maxrss
+    (printed at exit) and the largest RSS seen by polling it every 0.2 s."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", PEAK + code, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ps, polled = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            polled = max(polled, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed:\n{out[-3000:]}")
+    maxrss = [int(line.split()[1]) for line in out.splitlines() if line.startswith("MAXRSS_KB")]
+    return {"seconds": round(time.perf_counter() - t, 1), "ru_maxrss_MB": round(maxrss[-1] / 1024, 1),
+            "polled_rss_MB": round(polled / 2**20, 1), "tail": out[-400:]}
+
+
+CLI_SCRIPT = "import runpy; sys.argv[0] = 'lorascope'; runpy.run_module('lorascope', run_name='__main__')"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=SHAPE["layers"])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the child (the 2-core target)")
+    ap.add_argument("--compare-mmap", type=int, default=0, help="also scan this many layers via mmap reads")
+    ap.add_argument("--workdir", default=None, help="where the files go (default: a temp dir, removed)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="lorascope-rss-", dir=os.environ.get("TMPDIR")))
+    report: dict = {"shape": SHAPE | {"layers": args.layers}, "threads": args.threads}
+    try:
+        if not (root / "full" / "config.json").exists():
+            t = time.perf_counter()
+            scan_bench.build_model(root, SHAPE, args.layers, torch.device("cpu"), full_ft=True,
+                                   dtype=torch.float32)
+            report["build_seconds"] = round(time.perf_counter() - t, 1)
+        sizes = {k: sum(f.stat().st_size for f in (root / k).glob("*.safetensors")) for k in ("base", "full")}
+        report["gb_on_disk"] = {k: round(v / 1e9, 2) for k, v in sizes.items()} | {
+            "pair": round(sum(sizes.values()) / 1e9, 2)}
+        print(f"pair on disk: {report['gb_on_disk']}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        argv = ["scan", str(root / "base"), str(root / "full"), "--device", "cpu", "--out", str(root / "scan")]
+        report["lorascope_scan"] = run_child(CLI_SCRIPT, argv, env)
+        print(f"lorascope scan: {json.dumps(report['lorascope_scan'])}", flush=True)
+        if args.compare_mmap:
+            pattern = r"layers\.(" + "|".join(str(i) for i in range(args.compare_mmap)) + r")\."
+            mm = run_child(MMAP_SCRIPT, [str(root / "base"), str(root / "full"), pattern], env)
+            report["mmap_streaming_first_layers"] = mm | {"layers": args.compare_mmap}
+            print(f"mmap streaming path, {args.compare_mmap} layers: {json.dumps(mm)}", flush=True)
+        peak = report["lorascope_scan"]["ru_maxrss_MB"]
+        print(f"\npeak RSS {peak:.0f} MB while scanning a {report['gb_on_disk']['pair']} GB pair "
+              f"({'met' if peak < 1536 else 'MISSED'}: target < 1536 MB)")
+    finally:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The results store: one folder per experiment, one append-only line per finished unit.
+
+Layout (docs/experiments.md; the report reads it as described in docs/report.md)::
+
+    DIR/experiment.json   the config as run, its fingerprint, lorascope version (rewritten each run)
+    DIR/plan.json         every unit of the current grid: key, study, action, unit labels, deps
+    DIR/records.jsonl     one JSON object per finished unit, appended in the order they finished
+    DIR/summary.json      derived numbers (e.g. Spearman ρ of a sweep), recomputable from records.jsonl
+    DIR/units/KEY/        a unit's files: unit.json, record.json (written last), run/, scan.json, ...
+    DIR/.lock             held (with the pid) while a run is writing
+
+A unit is finished exactly when its line is in records.jsonl; its folder's record.json is the same
+record, written before the line is appended, so a run killed between the two is recovered on resume.
+Unit folders without record.json are partial and are redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lorascope.errors import InputError
+from lorascope.io.writers import atomic_write_json
+
+RECORDS = "records.jsonl"
+EXPERIMENT = "experiment.json"
+PLAN = "plan.json"
+SUMMARY = "summary.json"
+UNITS = "units"
+LOCK = ".lock"
+RECORD = "record.json"
+RECORD_VERSION = 1
+
+
+class Store:
+    """An experiment folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -- paths ------------------------------------------------------------------------------------
+    def unit_dir(self, key: str) -> Path:
+        return self.root / UNITS / key
+
+    def rel(self, path: Path) -> str:
+        """A path inside the store, relative to its root (how records name files)."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    @property
+    def exists(self) -> bool:
+        return (self.root / EXPERIMENT).is_file()
+
+    # -- records ----------------------------------------------------------------------------------
+    def read_records(self) -> list[dict[str, Any]]:
+        """Every finished unit's record, in file order. A last line cut short by a kill is ignored
+        (and removed by :meth:`repair`); any other bad line is an error naming the line."""
+        path = self.root / RECORDS
+        if not path.is_file():
+            return []
+        text = path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        out = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines) and not text.endswith("\n"):
+                    break  # a torn last line
+                raise InputError(f"{path}:{n}: not JSON ({e})") from e
+            if not isinstance(rec, dict) or "key" not in rec or "unit" not in rec or "metrics" not in rec:
+                raise InputError(f"{path}:{n}: not an experiment record (needs key, unit, metrics)")
+            out.append(rec)
+        return out
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """key -> record of every finished unit (the last record wins if a key repeats)."""
+        return {r["key"]: r for r in self.read_records()}
+
+    def repair(self) -> None:
+        """Drop a torn last line of records.jsonl, so appends start on a fresh line."""
+        path = self.root / RECORDS
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data[: data.rfind(b"\n") + 1]
+            with open(path, "r+b") as f:
+                f.truncate(len(keep))
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record as one line (a single write, flushed and fsynced)."""
+        line = json.dumps(record, allow_nan=False, sort_keys=False) + "\n"
+        fd = os.open(self.root / RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def recover(self) -> list[dict[str, Any]]:
+        """Units that wrote record.json but whose line never reached records.jsonl (killed in
+        between): append their lines now. Returns the recovered records."""
+        done = self.finished()
+        recovered = []
+        for folder in sorted((self.root / UNITS).glob("*")) if (self.root / UNITS).is_dir() else []:
+            rec_file = folder / RECORD
+            if folder.name not in done and rec_file.is_file():
+                rec = json.loads(rec_file.read_text(encoding="utf-8"))
+                self.append(rec)
+                recovered.append(rec)
+        return recovered
+
+    def reset_unit(self, key: str) -> Path:
+        """An empty folder for a unit about to run (a partial one from a killed run is removed)."""
+        folder = self.unit_dir(key)
+        if folder.exists():
+            shutil.rmtree(folder)
+        for stale in (self.root / UNITS).glob(f".{key}*"):  # temporaries of atomic writes
+            shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    # -- experiment and plan ------------------------------------------------------------------------
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not JSON ({e})") from e
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.root / name, obj)
+
+    # -- lock ---------------------------------------------------------------------------------------
+    def running_pid(self) -> int | None:
+        """The pid of a live run holding the lock, else None."""
+        lock = self.root / LOCK
+        try:
+            pid = int(lock.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one run; a second live run on it is refused."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                pid = self.running_pid()
+                if pid is not None:
+                    raise InputError(f"{self.root} is being written by another run (pid {pid})") from None
+                lock.unlink(missing_ok=True)  # left by a killed run
+        else:  # pragma: no cover - lost a race twice
+            raise InputError(f"{self.root}: cannot take the lock {lock}")
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,157 @@
+"""The scan's fast path: mmap-free reads, the blocked float64 basis, prefetching, equality with iter_scan."""
+
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorascope.errors import InputError, NonFiniteError
+from lorascope.io.adapters import open_tuned
+from lorascope.io.checkpoint import Checkpoint
+from lorascope.pipeline import TensorReader, gram_left_basis, prefetch, safetensors_header
+from lorascope.scan import iter_scan, pair_matrices, scan
+from lorascope.spectral import left_basis
+
+
+def test_reader_matches_safetensors_for_every_dtype(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w.{dt}": torch.randn(7, 5, generator=g).to(dt)
+               for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+    tensors["i"] = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    tensors["empty"] = torch.zeros(0, 4)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    reader = TensorReader(Checkpoint(tmp_path / "m.safetensors"))
+    for name, ref in load_file(str(tmp_path / "m.safetensors")).items():
+        got, raw = reader.read(name)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), name
+        assert raw is not None and len(raw) == ref.numel() * ref.element_size()
+
+
+def test_reader_falls_back_to_checkpoint_for_pickled_weights(tmp_path):
+    sd = {"a.weight": torch.randn(4, 3)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    got, raw = TensorReader(Checkpoint(tmp_path)).read("a.weight")
+    assert raw is None and torch.equal(got, sd["a.weight"])
+
+
+def test_bad_safetensors_files_name_the_file(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(good))
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match=r"cut.safetensors.*'w'"):
+        safetensors_header(cut)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(InputError, match="huge.safetensors.*header length"):
+        safetensors_header(huge)
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (50, 50)])
+def test_blocked_gram_basis_equals_left_basis(shape):
+    g = torch.Generator().manual_seed(1)
+    s = torch.logspace(0, -3, min(shape), dtype=torch.float64)  # a spectrum spanning 10³
+    U = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=torch.float64)).Q
+    W = ((U * s) @ V.T).float()
+    ref = left_basis(W.double())
+    got = gram_left_basis(W, block=97)  # several blocks of rows or columns
+    assert got.U.dtype == torch.float32 and got.U.shape == ref.U.shape
+    assert torch.allclose(got.S, ref.S, rtol=1e-10, atol=1e-14)
+    # each column equals the reference column up to sign (unit vectors; float32 rounding only)
+    cos = (got.U.double() * ref.U).sum(0).abs()
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-6)
+    svd = torch.linalg.svd(W.double(), full_matrices=False)
+    assert torch.allclose(got.S, svd.S, rtol=1e-9, atol=1e-12)
+
+
+def test_rank_deficient_tall_matrix_gets_zero_columns():
+    g = torch.Generator().manual_seed(2)
+    f64 = torch.float64
+    W = torch.randn(30, 3, generator=g, dtype=f64) @ torch.randn(3, 10, generator=g, dtype=f64)  # rank 3
+    b, ref = gram_left_basis(W), left_basis(W)
+    norms = b.U.norm(dim=0)
+    assert torch.allclose(norms[:3], torch.ones(3, dtype=f64)) and bool((norms[3:] == 0).all())
+    assert torch.equal(ref.U.norm(dim=0) == 0, norms == 0)
+
+
+def test_prefetch_keeps_order_overlaps_and_raises():
+    def slow(i):
+        time.sleep(0.05 * (5 - i))  # later items finish first
+        return i * i
+
+    t = time.perf_counter()
+    assert list(prefetch(range(5), slow, workers=4, depth=4)) == [0, 1, 4, 9, 16]
+    assert time.perf_counter() - t < 0.05 * 15 * 0.7  # the sleeps overlapped
+
+    def boom(i):
+        if i == 2:
+            raise ValueError("bad item")
+        return i
+
+    with pytest.raises(ValueError, match="bad item"):
+        list(prefetch(range(5), boom, workers=2, depth=2))
+
+
+def _llama_pair(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    return tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+
+
+def _reference(base, tuned, side="left"):
+    """The plain streaming path (Checkpoint.get, left_basis in float64), record by record."""
+    b, t = Checkpoint(base), open_tuned(str(tuned))
+    pairs, _ = pair_matrices(b, t)
+    sides = ("left", "right") if side == "both" else (side,)
+    return [r for recs in iter_scan(b, t, pairs, 10, 0.5, sides, torch.device("cpu"), torch.float32) for r in recs]
+
+
+@pytest.mark.parametrize("tuned_key", ["adapter", "merged"])
+def test_pipeline_scan_equals_iter_scan(tmp_path, tuned_key):
+    paths = dict(zip(("base", "adapter", "merged"), _llama_pair(tmp_path), strict=True))
+    got = scan(str(paths["base"]), str(paths[tuned_key]), device="cpu", side="both").matrices
+    ref = _reference(paths["base"], paths[tuned_key], side="both")
+    assert [(r.name, r.side) for r in got] == [(r.name, r.side) for r in ref]
+    for a, b in zip(got, ref, strict=True):
+        assert a.max_cos == pytest.approx(b.max_cos, abs=1e-5), a.name
+        assert a.best_match == b.best_match and a.n_intruders == b.n_intruders, a.name
+        assert a.singular_values == pytest.approx(b.singular_values, rel=1e-5), a.name
+        assert a.delta_singular_values == pytest.approx(b.delta_singular_values, rel=1e-4, abs=1e-7)
+
+
+def test_pipeline_handles_conv1d_full_finetune(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "tuned")
+    got = scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu").matrices
+    ref = _reference(tmp_path / "base", tmp_path / "tuned")
+    assert [r.name for r in got] == [r.name for r in ref] and any(r.kind == "conv1d" for r in got)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape and a.max_cos == pytest.approx(b.max_cos, abs=1e-5), a.name
+        assert a.delta_rel_norm == pytest.approx(b.delta_rel_norm, rel=1e-5)
+
+
+def test_pipeline_reports_nan_with_file_and_tensor(tmp_path):
+    base, adapter, _ = _llama_pair(tmp_path)
+    sd = load_file(str(base / "model.safetensors"))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.v_proj.weight'"):
+        scan(str(base), str(adapter), device="cpu")
