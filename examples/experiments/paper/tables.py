@@ -1,0 +1,121 @@
+"""Print the markdown tables of docs/results from experiment stores (nothing is recomputed).
+
+    python examples/experiments/paper/tables.py methods RUNS/encoder_methods
+    python examples/experiments/paper/tables.py intervention RUNS/encoder_intervention
+    python examples/experiments/paper/tables.py sweeps RUNS/encoder_lr_sweep
+    python examples/experiments/paper/tables.py continual RUNS/encoder_continual
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lorascope.schema import ScanResult
+
+TASKS = ["sst2", "agnews", "rte", "subj", "trec"]
+
+
+def records(store: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(store) / "records.jsonl").read_text().splitlines() if line]
+
+
+def label(u: dict) -> str:
+    if u["method"] == "full":
+        return "full FT"
+    return f"LoRA r={u['rank']} α={u['alpha']:g}"
+
+
+def order(u: dict) -> tuple:
+    return (u["method"] != "full", u.get("alpha") != 2 * u.get("rank", 0), u.get("rank", 0))
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def methods(store: str) -> None:
+    recs = records(store)
+    by = {}
+    for r in recs:
+        by.setdefault(label(r["unit"]), {"u": r["unit"]})[r["unit"]["task"]] = r
+    keys = sorted(by, key=lambda k: order(by[k]["u"]))
+    print("### Accuracy (Table 2 shape)\n")
+    print(table(["method", *TASKS, "mean"], [[k, *(f"{by[k][t]['metrics']['accuracy']:.3f}" for t in TASKS),
+                                            f"{sum(by[k][t]['metrics']['accuracy'] for t in TASKS) / 5:.3f}"]
+                                           for k in keys]))
+    for eps in (0.3, 0.5, 0.7):
+        print(f"\n### Intruder dimensions at ε = {eps}, k = 10 (36 block matrices)\n")
+        rows = []
+        for k in keys:
+            counts = []
+            for t in TASKS:
+                scan = ScanResult.load(Path(store) / by[k][t]["scan"])
+                counts.append(scan.summary(epsilon=eps)["sides"]["left"]["n_intruders"])
+            rows.append([k, *counts, sum(counts)])
+        print(table(["method", *TASKS, "total"], rows))
+    print("\n### Effective rank of ΔW (mean over the 36 matrices)\n")
+    print(table(["method", *TASKS], [[k, *(f"{by[k][t]['metrics']['effective_rank']:.2f}" for t in TASKS)]
+                                     for k in keys]))
+    print("\n### Forgetting: % change in STS-B Spearman (test, 1,379 pairs)\n")
+    base = recs[0]["metrics"]["sts_base"]
+    print(f"Base all-MiniLM-L6-v2: Spearman {base:.4f}.\n")
+    print(table(["method", *TASKS, "mean"], [[k, *(f"{by[k][t]['metrics']['sts_change_pct']:+.1f}" for t in TASKS),
+                                            f"{sum(by[k][t]['metrics']['sts_change_pct'] for t in TASKS) / 5:+.1f}"]
+                                           for k in keys]))
+    print("\n### Representation drift, 1 − CKA on WikiText-2 test paragraphs\n")
+    print(table(["method", *TASKS], [[k, *(f"{by[k][t]['metrics']['drift']:.3f}" for t in TASKS)] for k in keys]))
+
+
+def intervention(store: str) -> None:
+    summary = json.loads((Path(store) / "summary.json").read_text())
+    arms: dict = {}
+    for row in summary["lambda"]:
+        arm = row["arm"]
+        arms.setdefault((arm["rank"], arm["alpha"]), {}).setdefault(row["lam"], {})[arm["control"]] = row
+    for (rank, alpha), lams in sorted(arms.items()):
+        ref = lams[1.0]["intruder"]
+        print(f"\n### LoRA r={rank} α={alpha:g} on SST-2: accuracy {ref['accuracy']:.3f}, "
+              f"STS-B forgetting {ref['forgetting']:.1f}% at λ = 1\n")
+        rows = []
+        for lam in sorted(lams):
+            i, n = lams[lam]["intruder"], lams[lam]["neighbour"]
+            rows.append([f"{lam:g}", f"{i['accuracy_change_pct']:+.2f}", f"{i['forgetting_change_pct']:+.1f}",
+                         i["n_intruders"], f"{n['accuracy_change_pct']:+.2f}", f"{n['forgetting_change_pct']:+.1f}"])
+        print(table(["λ", "intruder: Δ acc %", "intruder: Δ forgetting %", "intruders left",
+                     "neighbour: Δ acc %", "neighbour: Δ forgetting %"], rows))
+
+
+def sweeps(store: str) -> None:
+    recs = sorted(records(store), key=lambda r: (r["unit"]["n_examples"], r["unit"]["lr"]))
+    print(table(["lr", "n_examples", "accuracy", "intruders (ε=0.5)", "STS-B Δ %", "drift"],
+                [[f"{r['unit']['lr']:g}", r["unit"]["n_examples"], f"{r['metrics']['accuracy']:.3f}",
+                  r["metrics"]["n_intruders"], f"{r['metrics']['sts_change_pct']:+.1f}", f"{r['metrics']['drift']:.3f}"]
+                 for r in recs]))
+    summary = json.loads((Path(store) / "summary.json").read_text())
+    print("\n" + json.dumps(summary.get("spearman", summary.get("rho", {})), indent=1))
+
+
+def continual(store: str) -> None:
+    recs = records(store)
+    arms: dict = {}
+    for r in recs:
+        arms.setdefault(label(r["unit"]), []).append(r)
+    for name, rs in sorted(arms.items(), key=lambda kv: order(kv[1][0]["unit"])):
+        rs.sort(key=lambda r: r["unit"]["stage"])
+        print(f"\n### {name}\n")
+        rows = []
+        for r in rs:
+            m = r["metrics"]
+            rows.append([r["unit"]["stage"], r["unit"]["task"],
+                         *(f"{m[f'accuracy/{t}']:.3f}" if f"accuracy/{t}" in m else "" for t in TASKS),
+                         f"{m['sts_change_pct']:+.1f}", m["n_intruders"]])
+        print(table(["stage", "trained on", *TASKS, "STS-B Δ %", "intruders"], rows))
+
+
+if __name__ == "__main__":
+    {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual}[sys.argv[1]](
+        sys.argv[2])
