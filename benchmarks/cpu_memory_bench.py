@@ -3,8 +3,8 @@
 Writes a base and a fully fine-tuned checkpoint (LLaMA-style, hidden 2048, MLP 5632, tied
 embeddings, float32, sharded safetensors; ``scan_bench.build_model``) of 4.1 GB each into a
 temporary folder, then runs ``lorascope scan BASE TUNED --device cpu`` in a child process and
-reports its peak RSS: ``ru_maxrss`` of the finished child (the kernel's high-water mark) and the
-largest value psutil saw while polling. File-backed pages of memory-mapped weights count in RSS,
+reports its peak RSS: VmHWM of the child (the kernel's high-water mark of its address space) and
+the largest value psutil saw while polling. File-backed pages of memory-mapped weights count in RSS,
 which is why the scan reads without mmap; ``--compare-mmap`` also measures the plain streaming path
 (``lorascope.scan.iter_scan``, safetensors' mmap) on the first layers for contrast.
 
@@ -42,13 +42,19 @@ for _ in iter_scan(b, t, pairs, 10, 0.5, ("left",), torch.device("cpu"), torch.f
 """
 
 
-PEAK = "import atexit, resource, sys; atexit.register(lambda: print('MAXRSS_KB', " \
-       "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr, flush=True))\n"
+# The child reports its own high-water mark at exit: VmHWM of /proc/self/status belongs to the
+# process's address space alone. (ru_maxrss is not used: Linux carries it across exec, so a child
+# forked from this process, which held the model while writing it, would report this one's peak.)
+PEAK = ("import atexit, sys\n"
+        "def _hwm():\n"
+        "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "    print('MAXRSS_KB', kb[0], file=sys.stderr, flush=True)\n"
+        "atexit.register(_hwm)\n")
 
 
 def run_child(code: str, argv: list[str], env: dict) -> dict:
-    """Run ``code`` in a child Python with ``argv``; return wall seconds, the child's own ru_maxrss
-    (printed at exit) and the largest RSS seen by polling it every 0.2 s."""
+    """Run ``code`` in a child Python with ``argv``; return wall seconds, the child's own peak RSS
+    (VmHWM, printed at exit) and the largest RSS seen by polling it every 0.2 s."""
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", PEAK + code, *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -63,7 +69,7 @@ def run_child(code: str, argv: list[str], env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child failed:\n{out[-3000:]}")
     maxrss = [int(line.split()[1]) for line in out.splitlines() if line.startswith("MAXRSS_KB")]
-    return {"seconds": round(time.perf_counter() - t, 1), "ru_maxrss_MB": round(maxrss[-1] / 1024, 1),
+    return {"seconds": round(time.perf_counter() - t, 1), "peak_rss_MB": round(maxrss[-1] / 1024, 1),
             "polled_rss_MB": round(polled / 2**20, 1), "tail": out[-400:]}
 
 
@@ -99,7 +105,7 @@ def main() -> None:
             mm = run_child(MMAP_SCRIPT, [str(root / "base"), str(root / "full"), pattern], env)
             report["mmap_streaming_first_layers"] = mm | {"layers": args.compare_mmap}
             print(f"mmap streaming path, {args.compare_mmap} layers: {json.dumps(mm)}", flush=True)
-        peak = report["lorascope_scan"]["ru_maxrss_MB"]
+        peak = report["lorascope_scan"]["peak_rss_MB"]
         print(f"\npeak RSS {peak:.0f} MB while scanning a {report['gb_on_disk']['pair']} GB pair "
               f"({'met' if peak < 1536 else 'MISSED'}: target < 1536 MB)")
     finally:

@@ -71,7 +71,8 @@ def main() -> None:
     print(f"qr 11008x16 {med(lambda: torch.linalg.qr(B), dev) * 1e3:.2f} ms; "
           f"svdvals 16x16 {med(lambda: torch.linalg.svdvals(B[:16]), dev) * 1e3:.2f} ms", flush=True)
 
-    root = Path(tempfile.mkdtemp(prefix="lorascope-prof-"))
+    tmp = tempfile.TemporaryDirectory(prefix="lorascope-prof-")
+    root = Path(tmp.name)
     cfg = dict(scan_bench.SHAPES["7b"], hidden=args.hidden, intermediate=args.intermediate)
     scan_bench.build_model(root, cfg, 1, dev, full_ft=False)
     base = Checkpoint(root / "base")

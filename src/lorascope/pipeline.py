@@ -201,13 +201,14 @@ def default_basis(key: str, W: torch.Tensor) -> SVD:
 # -- prefetching -------------------------------------------------------------------------------
 @dataclass
 class Loaded:
-    """One pair's host-side inputs, produced by a worker thread."""
+    """One pair's inputs, produced by a worker thread (on a GPU run already copied to the device)."""
 
     pair: MatrixPair
-    W0: torch.Tensor  # stored layout and dtype, CPU (pinned on GPU runs)
+    W0: torch.Tensor  # stored layout and dtype
     base_file: Path | str
     Wt: torch.Tensor | None = None  # a full fine-tune's tuned weight, stored layout
     tuned_file: Path | str = ""
+    wt_owned: bool = False  # Wt is a buffer of ours (not a checkpoint's tensor): free to overwrite
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. cached bases, for the basis hook
     ready: Any = None  # a CUDA event recorded after the copies to the device
 
@@ -252,8 +253,9 @@ class PairLoader:
         if self.cache_hook is not None:
             item.extra = self.cache_hook.prefetch(self.base.ckpt, pair.name, pair.kind, W0, raw)
         if self.tuned is not None:
-            item.Wt, _ = self.tuned.read(pair.ref)
+            item.Wt, raw_t = self.tuned.read(pair.ref)
             item.tuned_file = self.tuned.ckpt.file_of(pair.ref)
+            item.wt_owned = raw_t is not None or self.copy_stream is not None
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
                 item.W0 = item.W0.to(self.device, non_blocking=True)
@@ -333,4 +335,6 @@ def _delta(item: Loaded, tuned: TunedSource, W0: torch.Tensor, device: torch.dev
             f"{tuple(W0.shape)}"
         )
     check_finite(Wt, item.tuned_file, p.ref)
-    return Wt.sub_(W0)  # in place: on a CPU run in the stored dtype Wt is the read buffer itself
+    if item.wt_owned or Wt.data_ptr() != item.Wt.data_ptr():
+        return Wt.sub_(W0)  # in place: saves one matrix of memory
+    return Wt - W0  # Wt is the checkpoint's own tensor (e.g. a memory-mapped .bin): leave it alone
