@@ -32,4 +32,4 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / method / "scan.json").is_file() and (out / method / "run.json").is_file()
     html = (out / "report.html").read_text()
     assert "intruder dimensions" in html and "http://" not in html and "https://" not in html
-    assert "task accuracy" in proc.stdout and "report:" in proc.stdout
+    assert "accuracy" in proc.stdout and "intruders" in proc.stdout and "report:" in proc.stdout

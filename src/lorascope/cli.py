@@ -122,10 +122,12 @@ def demo(
     from lorascope.demo import run_demo
 
     summary = run_demo(out, quick=quick, device=device, overwrite=overwrite, console=console)
-    table = Table("method", "task accuracy", "intruders (ε=0.5, k=10)", "eff. rank ΔW",
-                  "retrieval R@1 Δ%", "drift (1−CKA)", *(["STS-B Δ%"] if "sts_spearman" in summary["base"] else []))
+    table = Table("method", "accuracy", "intruders", "erank ΔW", "retrieval Δ%", "drift",
+                  *(["STS-B Δ%"] if "sts_spearman" in summary["base"] else []),
+                  caption="intruders: ε=0.5, k=10, in matrices with any; retrieval: headline→article recall@1 on "
+                          "held-out topics; drift: 1 − CKA")
     for label, m in summary["methods"].items():
-        row = [label, f"{m['accuracy']:.3f}", f"{m['n_intruders']} in {m['matrices_with_intruders']}/{m['n_matrices']}",
+        row = [label, f"{m['accuracy']:.3f}", f"{m['n_intruders']} ({m['matrices_with_intruders']}/{m['n_matrices']})",
                f"{m['delta_effective_rank']:.1f}", f"{m['forgetting_recall_at_1_pct']:+.1f}", f"{m['drift']:.3f}"]
         if "sts_spearman" in summary["base"]:
             row.append(f"{m['forgetting_sts_spearman_pct']:+.1f}")
