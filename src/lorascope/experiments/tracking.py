@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from lorascope.errors import InputError, NonFiniteError
-from lorascope.io.adapters import _PEFT_PREFIX, FullCheckpoint, PeftAdapter, TunedSource, _split_adapter_key
+from lorascope.io.adapters import FullCheckpoint, PeftAdapter, TunedSource
 from lorascope.io.checkpoint import Checkpoint
 from lorascope.pipeline import default_basis
 from lorascope.scan import MatrixPair, iter_scan, pair_matrices, resolve_device
@@ -76,19 +76,7 @@ class MemoryAdapter(PeftAdapter):
         self.description = str(self.root)
         self.config = config
         self.weights = MemoryCheckpoint(state, str(self.root))
-        self.peft_type = config.get("peft_type", "LORA")
-        if config.get("target_parameters"):
-            raise InputError("tracking adapters on target_parameters (MoE experts) is not supported")
-        self.kind = "lora" if self.peft_type == "LORA" and not config.get("use_dora") else "peft"
-        self._modules: dict[str, dict[str, str]] = {}
-        self._saved: dict[str, str] = {}
-        for key in state:
-            name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-            path, role = _split_adapter_key(name)
-            if role is None:
-                self._saved[name] = key
-            else:
-                self._modules.setdefault(path, {})[role] = key
+        self._index()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -102,6 +102,10 @@ class PeftAdapter:
         if not weights:
             raise InputError(f"{self.root}: adapter_config.json but no adapter_model.safetensors or .bin")
         self.weights = Checkpoint(weights[0])
+        self._index()
+
+    def _index(self) -> None:
+        """Read the tuner type from ``self.config`` and group ``self.weights``' keys by module."""
         self.peft_type = self.config.get("peft_type", "LORA")
         if self.config.get("target_parameters"):
             raise InputError(f"{self.root}: adapters on target_parameters (MoE experts) are not supported")
