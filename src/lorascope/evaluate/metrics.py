@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorascope.errors import InputError, NonFiniteError
@@ -116,17 +117,28 @@ def causal_lm_token_nll(
 ) -> tuple[float, int]:
     """(summed NLL, scored tokens) of causal-LM features whose ``labels`` mark scored tokens
     (-100 elsewhere): logits at position t predict label t+1."""
+    nll, count, _ = causal_lm_scores(model, features, pad_id, batch_size, device)
+    return nll, count
+
+
+@torch.inference_mode()
+def causal_lm_scores(
+    model: torch.nn.Module, features: Sequence[Feature], pad_id: int, batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> tuple[float, int, int]:
+    """(summed NLL, scored tokens, exact matches). An example matches exactly when every scored token
+    is the argmax given the true prefix, i.e. when greedy decoding would write its whole response."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, exact = 0.0, 0, 0
     for batch in make_loader(features, batch_size, pad_id):
-        logits = model(**_inputs(batch, torch.device(device))).logits.float().cpu()
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        logits = model(**_inputs(batch, torch.device(device))).logits[:, :-1]
+        labels = batch["labels"][:, 1:].to(logits.device)
         mask = labels != IGNORE_INDEX
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total -= float(picked[mask].sum())
+        total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
         count += int(mask.sum())
-    return total, count
+        wrong = (logits.argmax(-1) != labels) & mask
+        exact += int((~wrong.any(-1) & mask.any(-1)).sum())
+    return total, count, exact
 
 
 @torch.inference_mode()
@@ -264,11 +276,11 @@ def lm_nll(
             batch[row, : e - b] = ids[b:e]
             attention[row, : e - b] = 1
         logits = model(input_ids=batch.to(device), attention_mask=attention.to(device)).logits
-        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-        for row, (b, e, first) in enumerate(chunk):
-            pos = torch.arange(first, e)
-            total -= float(logp[row, pos - b - 1, ids[pos]].sum())
-            count += len(pos)
+        # Scored positions only, on the device: the full-vocabulary log-softmax of a batch is GBs.
+        rows = [logits[row, first - b - 1 : e - b - 1] for row, (b, e, first) in enumerate(chunk)]
+        targets = torch.cat([ids[first:e] for _, e, first in chunk]).to(device)
+        total += float(F.cross_entropy(torch.cat(rows).float(), targets, reduction="sum"))
+        count += len(targets)
     return total, count
 
 

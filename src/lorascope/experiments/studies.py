@@ -291,6 +291,8 @@ def _task_metrics(run: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in m.items() if k.startswith("test_") or k == "train_loss"}
     if "test_accuracy" in m:
         out["accuracy"] = m["test_accuracy"]
+    elif "test_exact_match" in m:  # a prompt/response task's accuracy: the whole answer, greedily
+        out["accuracy"] = m["test_exact_match"]
     out["trainable_params"] = run["parameters"]["trainable"]
     out["train_seconds"] = run["wall_time_s"]
     return out

@@ -275,6 +275,15 @@ def _wikitext2() -> TaskData:
     return TaskData("wikitext2", "text", train, test, [], "shared/data/wikitext2")
 
 
+def _arithmetic() -> TaskData:
+    """Generated arithmetic word problems (``lorascope.train.arithmetic``): 5,000 train, 500 test."""
+    from lorascope.train.arithmetic import arithmetic_problems
+
+    train, test = arithmetic_problems()
+    return TaskData("arithmetic", "prompt_response", [Example(p, response=r) for p, r in train],
+                    [Example(p, response=r) for p, r in test], [], "lorascope.train.arithmetic (seed 0)")
+
+
 def _state_union() -> TaskData:
     docs = [Example(t) for t in state_union_speeches()]
     n_test = max(1, round(len(docs) * TEST_FRACTION))  # the latest speeches test
@@ -311,6 +320,7 @@ BUILTIN_TASKS: dict[str, Callable[[], TaskData]] = {
     "bbc": _bbc,
     "wikitext2": _wikitext2,
     "state-union": _state_union,
+    "arithmetic": _arithmetic,
 }
 ALIASES = {
     "sst-2": "sst2",
@@ -326,6 +336,7 @@ ALIASES = {
     "wikitext-2": "wikitext2",
     "state_union": "state-union",
     "subjectivity": "subj",
+    "math": "arithmetic",
 }
 
 
@@ -544,7 +555,7 @@ def load_task(
 ) -> TaskData:
     """Load a task by built-in name, local file or folder, or ``hf:NAME[:CONFIG]``.
 
-    - built-in: ``sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 state-union``;
+    - built-in: ``sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 state-union arithmetic``;
     - a ``.tsv/.csv/.jsonl/.json`` file with a header (``test`` names the test file; without one a
       seeded 10% split is held out) or a ``.txt`` corpus;
     - a folder holding ``train.*`` and optionally ``test.*`` in one of those formats.

@@ -309,9 +309,9 @@ def score_run(
     device: torch.device,
 ) -> dict[str, float]:
     """Test-set metrics right after training: accuracy (classification), Spearman and Pearson
-    (regression) or per-token NLL and perplexity (LM)."""
+    (regression) or per-token NLL and perplexity (LM), plus exact match for prompt/response tasks."""
     # Imported here: lorascope.evaluate builds on lorascope.train, not the other way round.
-    from lorascope.evaluate.metrics import causal_lm_token_nll, predict, task_score
+    from lorascope.evaluate.metrics import causal_lm_scores, predict, task_score
 
     test = subsample(task.test, cfg.max_eval_examples)
     if not test:
@@ -319,8 +319,11 @@ def score_run(
     batch_size = max(cfg.batch_size, 32)
     if objective == "lm":
         features = encode(test, objective, task.kind, tokenizer, cfg.max_length)
-        nll, n = causal_lm_token_nll(model, features, pad_id_of(tokenizer), batch_size, device)
-        return {"test_loss": nll / n, "test_perplexity": math.exp(nll / n), "test_tokens": n}
+        nll, n, exact = causal_lm_scores(model, features, pad_id_of(tokenizer), batch_size, device)
+        out = {"test_loss": nll / n, "test_perplexity": math.exp(nll / n), "test_tokens": n}
+        if task.kind == "prompt_response":  # greedy decoding would write the whole response
+            out.update(test_exact_match=exact / len(features), test_examples=len(features))
+        return out
     features = encode_classification(test, tokenizer, cfg.max_length)
     logits = predict(model, features, pad_id_of(tokenizer), batch_size, device)
     name, value = task_score(logits, [e.label for e in test], task.kind)

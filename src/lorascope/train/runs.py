@@ -85,6 +85,15 @@ def root_model(model: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------ loading
 
 
+def hf_source(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments for ``path``: a ``.gguf`` file loads from its folder with
+    ``gguf_file=`` (transformers dequantises it; needs the ``gguf`` package), anything else as given."""
+    p = Path(path)
+    if p.suffix == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return str(path), {}
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars; we check loading results ourselves."""
@@ -102,7 +111,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
     """AutoTokenizer with a pad token (EOS, else UNK, when the tokenizer has none)."""
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            source, extra = hf_source(path)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {path}: {e}") from e
     if tokenizer.pad_token is None:
@@ -132,10 +142,13 @@ def load_pretrained(
     kwargs.setdefault("dtype", torch.float32)
     try:
         with quiet_transformers():
-            model, info = cls.from_pretrained(str(path), output_loading_info=True,
-                                              trust_remote_code=trust_remote_code, **kwargs)
+            source, extra = hf_source(path)
+            model, info = cls.from_pretrained(source, output_loading_info=True,
+                                              trust_remote_code=trust_remote_code, **extra, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load {cls.__name__} from {path}: {e}") from e
+    if extra:
+        _unmark_gguf(model, path)
     prefix = model.base_model_prefix + "."
     missing = sorted(info["missing_keys"])
     head_missing = [k for k in missing if not k.startswith(prefix)]
@@ -148,6 +161,18 @@ def load_pretrained(
         raise InputError(f"{path} has no {require_head} head (missing {head_missing[:4]})")
     model.lorascope_new_weights = missing
     return model
+
+
+def _unmark_gguf(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """transformers marks a model loaded from GGUF as quantized, which makes it unsaveable, even when
+    every weight was dequantized to float. Such a model is a plain one: drop the marks."""
+    packed = [n for n, t in model.state_dict().items() if not t.is_floating_point()]
+    if packed:
+        raise InputError(f"{path}: transformers kept {packed[0]} (and {len(packed) - 1} more) as packed GGUF "
+                         "blocks; lorascope needs dequantized weights (uninstall the `kernels` package)")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def require_decoder(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -242,7 +267,8 @@ def _apply_adapter(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
 def _load_plain(path: str | os.PathLike, trust_remote_code: bool) -> tuple[torch.nn.Module, Any]:
     path = resolve_model_path(path)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        source, extra = hf_source(path)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read a model config from {path}: {e}") from e
     arch = (getattr(config, "architectures", None) or [None])[0]
