@@ -4,11 +4,14 @@
     python examples/experiments/paper/tables.py intervention RUNS/encoder_intervention
     python examples/experiments/paper/tables.py sweeps RUNS/encoder_lr_sweep
     python examples/experiments/paper/tables.py continual RUNS/encoder_continual
+    python examples/experiments/paper/tables.py decoder RUNS/decoder_methods RUNS/decoder_lr_sweep
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -116,6 +119,34 @@ def continual(store: str) -> None:
         print(table(["stage", "trained on", *TASKS, "STS-B Δ %", "intruders"], rows))
 
 
+def decoder(*stores: str) -> None:
+    """SmolLM2 units of any number of stores (methods, sweeps), one row each, ordered by method and lr."""
+    recs = sorted((r | {"store": s} for s in stores for r in records(s)),
+                  key=lambda r: (order(r["unit"]), r["unit"]["lr"]))
+    base = recs[0]["metrics"]["lm-loss_base"]
+    print(f"Base SmolLM2-135M-Instruct on WikiText-2 test: loss {base:.4f}, perplexity {math.exp(base):.2f}.\n")
+    rows = []
+    for r in recs:
+        m, scan = r["metrics"], ScanResult.load(Path(r["store"]) / r["scan"])
+        counts = [scan.summary(epsilon=e)["sides"]["left"]["n_intruders"] for e in (0.3, 0.5, 0.7, 0.9)]
+        # how large the update is against the base spectrum: no intruder can appear while ΔW's top
+        # singular value stays well under the base's 10th
+        ratio = [x.delta_singular_values[0] / x.base_singular_values[9] for x in scan.matrices]
+        ppl = math.exp(m["lm-loss"])
+        rows.append([label(r["unit"]), f"{r['unit']['lr']:g}", f"{m['accuracy']:.3f}", *counts,
+                     m["matrices_with_intruders"], f"{statistics.median(ratio):.3f} / {max(ratio):.2f}",
+                     f"{m['effective_rank']:.1f}", f"{m['lm-loss']:.3f}", f"{ppl:.2f}",
+                     f"{100 * (ppl / math.exp(base) - 1):+.1f}"])
+    print(table(["method", "lr", "exact match", "intruders ε=0.3", "ε=0.5", "ε=0.7", "ε=0.9",
+                 "matrices with intruders (ε=0.5)", "σ1(ΔW)/σ10(W0) median / max", "eff. rank ΔW",
+                 "WikiText-2 loss", "perplexity", "Δ perplexity %"], rows))
+    hot = [r for r in recs if r["metrics"]["n_intruders"]]
+    for r in hot:
+        s = ScanResult.load(Path(r["store"]) / r["scan"]).summary()["sides"]["left"]
+        print(f"\n{label(r['unit'])}, lr {r['unit']['lr']:g}: intruders per module type (ε=0.5) "
+              + json.dumps(s["per_module_type"]) + "; per layer " + json.dumps(s["per_layer"]))
+
+
 if __name__ == "__main__":
-    {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual}[sys.argv[1]](
-        sys.argv[2])
+    {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual,
+     "decoder": decoder}[sys.argv[1]](*sys.argv[2:])
