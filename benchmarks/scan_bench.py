@@ -305,6 +305,8 @@ def main() -> None:
     ap.add_argument("--full-ft", action="store_true", help="also compare on a full fine-tune")
     ap.add_argument("--cached", action="store_true", help="also time a second scan from the basis cache")
     ap.add_argument("--stages", action="store_true", help="also time each step on one matrix per shape")
+    ap.add_argument("--no-cache-scan", action="store_true",
+                    help="also time a LoRA first scan that writes no basis cache (what a one-off scan costs)")
     ap.add_argument("--workdir", default=None, help="where the model files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write every number here as JSON")
     args = ap.parse_args()
@@ -333,6 +335,9 @@ def main() -> None:
         for tuned in ["lora"] + (["full"] if args.full_ft else []):
             # lorascope first (a failure shows early). The LoRA scan fills the basis cache (hashing
             # and writing included in its time); the full fine-tune's first scan runs without one.
+            if tuned == "lora" and args.no_cache_scan:
+                tn, _ = run_lorascope(root, tuned, device, None)
+                print(f"[{tuned}] lorascope full scan without a cache: {tn:.1f} s for {n_all} matrices", flush=True)
             tl, res = run_lorascope(root, tuned, device, cache if tuned == "lora" else None)
             print(f"[{tuned}] lorascope full scan: {tl:.1f} s for {n_all} matrices", flush=True)
             if args.cached:
@@ -347,6 +352,9 @@ def main() -> None:
                      "baseline_per_matrix": per_matrix, "baseline_projected_all": per_matrix * n_all,
                      "lorascope_seconds": tl, "lorascope_matrices": n_all,
                      "ratio": per_matrix * n_all / tl, "agreement": agree}
+            if tuned == "lora" and args.no_cache_scan:
+                entry |= {"no_cache_seconds": tn, "no_cache_ratio": per_matrix * n_all / tn}
+                rows.append(("lora: full scan, no cache", entry["baseline_projected_all"], tn, 20))
             rows.append((f"{tuned}: full scan", entry["baseline_projected_all"], tl, 20 if tuned == "lora" else 10))
             if args.cached:
                 same = max(abs(a - b) for r, rc in zip(res.matrices, res_c.matrices, strict=True)
