@@ -152,9 +152,9 @@ def report(
 
 @app.command("train")
 def train_cmd(
-    model: str = typer.Argument(..., help="Base model: HF folder or hub id, or a full / merged run folder."),
+    model: str = typer.Argument(..., help="Base model: HF folder, hub id, .gguf file, or a full / merged run."),
     task: str = typer.Option(..., help="Built-in task (sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 "
-                             "state-union), a .tsv/.csv/.jsonl/.txt file or folder, or hf:NAME[:CONFIG]."),
+                             "state-union arithmetic), a .tsv/.csv/.jsonl/.txt file or folder, or hf:NAME[:CONFIG]."),
     out: Path = typer.Option(..., help="Run folder to write (adapter/ or model/, tokenizer/, run.json)."),
     method: str = typer.Option("lora", help="lora or full."),
     rank: int = typer.Option(8, help="LoRA rank r."),
