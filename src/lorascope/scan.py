@@ -28,7 +28,6 @@ from lorascope.schema import MatrixRecord, ScanResult, parse_name
 from lorascope.spectral import (
     SVD,
     Delta,
-    LowRankDelta,
     Tuned,
     delta_frobenius,
     delta_singular_values,
@@ -104,15 +103,13 @@ def analyze_matrix(
     m, n = W0.shape
     if k > min(m, n):
         raise InputError(f"tensor '{name}' has shape {(m, n)}: k={k} exceeds its rank bound {min(m, n)}")
-    # ΔW's spectrum: for a LoRA update from the r × r core, in float64 on the host (tiny, exact).
-    d_host = delta.to("cpu", torch.float64) if isinstance(delta, LowRankDelta) else delta
-    dsv = delta_singular_values(d_host).double().cpu()
+    dsv = delta_singular_values(delta)
     base_norm = float(W0.norm())
     delta_stats = dict(
-        delta_singular_values=_floats(dsv[:N_DELTA_SV]),
+        delta_singular_values=[float(s) for s in dsv[:N_DELTA_SV]],
         delta_effective_rank=effective_rank(dsv),
         delta_stable_rank=stable_rank(dsv),
-        delta_rel_norm=delta_frobenius(d_host) / base_norm if base_norm > 0 else float("inf"),
+        delta_rel_norm=delta_frobenius(delta) / base_norm if base_norm > 0 else float("inf"),
     )
     layer, module_type = parse_name(name)
     records = []
@@ -123,17 +120,13 @@ def analyze_matrix(
         tuned = top_k(Tuned(W, d), k, init=U0)  # top_k starts from the first k + oversample columns
         cos, idx = max_abs_cos(tuned.U, U0)
         sim = (U0[:, :N_MAP].T @ tuned.U).abs().T  # (k, N_MAP)
-        # one device-to-host transfer for the whole record: each separate read would stall the GPU
-        parts = [tuned.S, cos, idx, sim, base.S[:N_MAP]]
-        flat = torch.cat([t.detach().double().flatten() for t in parts]).cpu()
-        sv, cos_h, idx_h, sim_h, bsv = flat.split([t.numel() for t in parts])
         null = _null(W.shape[0], U0.shape[1])
         records.append(
             MatrixRecord(
                 name=name, kind=kind, side=side, shape=[m, n], layer=layer, module_type=module_type,
-                singular_values=_floats(sv), max_cos=_floats(cos_h), best_match=[int(i) for i in idx_h.tolist()],
-                n_intruders=int((cos_h < epsilon).sum()), similarity=[_floats(r) for r in sim_h.view(sim.shape)],
-                base_singular_values=_floats(bsv), null_max_cos=null["mean"],
+                singular_values=_floats(tuned.S), max_cos=_floats(cos), best_match=[int(i) for i in idx],
+                n_intruders=int((cos < epsilon).sum()), similarity=[_floats(r) for r in sim],
+                base_singular_values=_floats(base.S[:N_MAP]), null_max_cos=null["mean"],
                 null_max_cos_q99=null["q99"], exact=tuned.exact, **delta_stats,
             )
         )

@@ -18,8 +18,8 @@ def max_abs_cos(Y: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.T
     Columns are normalised first, so the result is a cosine even if Y or X is not exactly unit.
     """
     Yn = Y / Y.norm(dim=0).clamp_min(torch.finfo(Y.dtype).tiny)
-    x_norms = X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
-    cos = (X.T @ Yn).abs() / x_norms[:, None]  # (n_base, k); no normalised copy of the large X
+    Xn = X / X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
+    cos = (Xn.T @ Yn).abs()  # (n_base, k)
     best, idx = cos.max(dim=0)
     return best.clamp_max(1.0), idx
 
