@@ -141,10 +141,12 @@ def test_bad_configs(assets, mutate, message):
 
 
 def test_example_configs_parse(assets, tmp_path):
-    for f in sorted(EXAMPLES.glob("*.toml")):
+    for f in sorted(EXAMPLES.glob("**/*.toml")):  # the paper's configs (examples/experiments/paper) too
         shutil.copy(f, assets / f.name)
         cfg = load_config(assets / f.name)
         assert plan(cfg), f.name
+    decoder = load_config(EXAMPLES / "paper" / "decoder_methods.toml")
+    assert decoder.tasks == ["arithmetic"] and len(plan(decoder)) == 7  # full + r in {1, 8, 64} × 2 alphas
     dora = config(assets, "intervention", {"methods": [{"method": "dora", "rank": 4}]})
     with pytest.raises(InputError, match="cannot be written back exactly"):
         plan(dora)
