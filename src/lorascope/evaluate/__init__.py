@@ -3,6 +3,7 @@
 from lorascope.evaluate.api import METRICS, evaluate
 from lorascope.evaluate.metrics import (
     accuracy,
+    causal_lm_scores,
     causal_lm_token_nll,
     linear_cka,
     lm_loss,
@@ -20,6 +21,7 @@ from lorascope.evaluate.metrics import (
 __all__ = [
     "METRICS",
     "accuracy",
+    "causal_lm_scores",
     "causal_lm_token_nll",
     "evaluate",
     "linear_cka",

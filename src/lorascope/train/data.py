@@ -336,7 +336,6 @@ ALIASES = {
     "wikitext-2": "wikitext2",
     "state_union": "state-union",
     "subjectivity": "subj",
-    "math": "arithmetic",
 }
 
 
