@@ -30,13 +30,7 @@ from lorascope.train import TrainConfig, load_trained, train, transplant
 from lorascope.train.data import find_data_root
 from lorascope.train.tiny import save_tiny_model, tiny_model, tiny_tokenizer, write_toy_corpus, write_toy_sentiment
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
