@@ -191,13 +191,14 @@ def reference_max_cos(root: Path, tuned: str, name: str, device: torch.device, s
 
 
 # -- lorascope ---------------------------------------------------------------------------------
-def run_lorascope(root: Path, tuned: str, device: torch.device, cache_dir: Path | None) -> tuple[float, object]:
+def run_lorascope(root: Path, tuned: str, device: torch.device, cache_dir: Path | None,
+                  streams: int | None = None) -> tuple[float, object]:
     from lorascope import scan
 
     _sync(device)
     t0 = time.perf_counter()
     result = scan(str(root / "base"), str(root / tuned), k=K, device=str(device),
-                  cache_dir=str(cache_dir) if cache_dir else None, cache_budget="60GB")
+                  cache_dir=str(cache_dir) if cache_dir else None, cache_budget="60GB", streams=streams)
     _sync(device)
     return time.perf_counter() - t0, result
 
@@ -307,6 +308,9 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="also time each step on one matrix per shape")
     ap.add_argument("--no-cache-scan", action="store_true",
                     help="also time a LoRA first scan that writes no basis cache (what a one-off scan costs)")
+    ap.add_argument("--streams", default="",
+                    help="comma-separated stream counts: time each (cached scan; first scan without a cache "
+                         "too with --no-cache-scan) against the default, in this process")
     ap.add_argument("--workdir", default=None, help="where the model files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write every number here as JSON")
     args = ap.parse_args()
@@ -320,7 +324,9 @@ def main() -> None:
                     "torch": torch.__version__, "matrices_per_layer": len(modules(cfg))}
     try:
         t = time.perf_counter()
-        if not (root / "base" / "config.json").exists():
+        wanted = ("base", "full") if args.full_ft else ("base",)
+        missing = [d for d in wanted if not (root / d / "config.json").exists()]
+        if missing:
             build_model(root, cfg, layers, device, args.full_ft)
         report["build_seconds"] = round(time.perf_counter() - t, 1)
         print(f"model in {root} ({report['build_seconds']} s)", flush=True)
@@ -335,14 +341,25 @@ def main() -> None:
         for tuned in ["lora"] + (["full"] if args.full_ft else []):
             # lorascope first (a failure shows early). The LoRA scan fills the basis cache (hashing
             # and writing included in its time); the full fine-tune's first scan runs without one.
+            streams = [int(x) for x in args.streams.split(",") if x]
             if tuned == "lora" and args.no_cache_scan:
                 tn, _ = run_lorascope(root, tuned, device, None)
                 print(f"[{tuned}] lorascope full scan without a cache: {tn:.1f} s for {n_all} matrices", flush=True)
+                report["no_cache_by_streams"] = {}
+                for st in streams:
+                    t_s, _ = run_lorascope(root, tuned, device, None, streams=st)
+                    report["no_cache_by_streams"][st] = t_s
+                    print(f"[{tuned}] ... without a cache, streams={st}: {t_s:.1f} s", flush=True)
             tl, res = run_lorascope(root, tuned, device, cache if tuned == "lora" else None)
             print(f"[{tuned}] lorascope full scan: {tl:.1f} s for {n_all} matrices", flush=True)
             if args.cached:
                 tc, res_c = run_lorascope(root, tuned, device, cache)
                 print(f"[{tuned}] lorascope cached scan: {tc:.1f} s", flush=True)
+                report[f"{tuned}_cached_by_streams"] = {}
+                for st in streams:
+                    t_s, _ = run_lorascope(root, tuned, device, cache, streams=st)
+                    report[f"{tuned}_cached_by_streams"][st] = t_s
+                    print(f"[{tuned}] ... cached, streams={st}: {t_s:.1f} s", flush=True)
             tb, cos = baseline(root, tuned, names, device)
             per_matrix = tb / len(names)
             print(f"[{tuned}] baseline: {tb:.1f} s for {len(names)} matrices ({per_matrix:.3f} s each)", flush=True)

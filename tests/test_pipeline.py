@@ -1,6 +1,7 @@
 """The scan's fast path: mmap-free reads, the blocked float64 basis, prefetching, equality with iter_scan."""
 
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -155,3 +156,18 @@ def test_pipeline_reports_nan_with_file_and_tensor(tmp_path):
     save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(NonFiniteError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.v_proj.weight'"):
         scan(str(base), str(adapter), device="cpu")
+
+
+def test_concurrent_pairs_give_the_same_records_in_order(tmp_path):
+    base, adapter, merged = _llama_pair(tmp_path)
+    for tuned in (adapter, merged):
+        one = scan(str(base), str(tuned), device="cpu", side="both", streams=1).matrices
+        many = scan(str(base), str(tuned), device="cpu", side="both", streams=3).matrices
+        assert [asdict(r) for r in many] == [asdict(r) for r in one]
+    cached = [scan(str(base), str(adapter), device="cpu", streams=3, cache_dir=str(tmp_path / "c")).matrices
+              for _ in range(2)]  # fills the cache from 3 threads, then reads it back
+    assert [r.name for r in cached[1]] == [r.name for r in cached[0]]
+    for a, b in zip(cached[0], cached[1], strict=True):
+        assert a.max_cos == pytest.approx(b.max_cos, abs=1e-3) and a.n_intruders == b.n_intruders, a.name
+    with pytest.raises(InputError, match="streams"):
+        scan(str(base), str(adapter), device="cpu", streams=0)

@@ -30,6 +30,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,12 +200,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 class ScanHook:
     """The cache inside ``pipeline.scan_records``: ``prefetch`` runs in reader threads (hash or memo,
-    then read the stored bases), ``__call__`` is the ``basis`` hook on the compute thread, and new
+    then read the stored bases), ``basis_for`` gives the ``basis`` hook of one pair, and new
     bases are written by one background thread so the device never waits for the disk."""
 
     def __init__(self, cache: BasisCache, dtype: torch.dtype, sides: tuple[str, ...]):
         self.cache, self.dtype, self.sides = cache, dtype, sides
-        self.current: dict[str, Any] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="lorascope-cache-writer", daemon=True)
@@ -223,17 +223,22 @@ class ScanHook:
                 out["hits"][side] = hit
         return out
 
-    def __call__(self, key: str, W: torch.Tensor) -> SVD:
-        side = key.rsplit(":", 1)[-1]
-        hit = self.current.get("hits", {}).get(side)
-        if hit is not None:
-            return SVD(U=hit.U.to(W.device, non_blocking=True).to(W.dtype), S=hit.S.to(W.device))
-        svd = gram_left_basis(W)
-        ekey = self.current.get("keys", {}).get(side)
-        if ekey is not None:
-            self._raise_writer_error()
-            self._queue.put((ekey, svd.U.to(torch.float16), svd.S))
-        return svd
+    def basis_for(self, extra: dict[str, Any]) -> Callable[[str, torch.Tensor], SVD]:
+        """The ``basis`` hook for one pair, given what ``prefetch`` returned for it."""
+
+        def basis(key: str, W: torch.Tensor) -> SVD:
+            side = key.rsplit(":", 1)[-1]
+            hit = extra.get("hits", {}).get(side)
+            if hit is not None:
+                return SVD(U=hit.U.to(W.device, non_blocking=True).to(W.dtype), S=hit.S.to(W.device))
+            svd = gram_left_basis(W)
+            ekey = extra.get("keys", {}).get(side)
+            if ekey is not None:
+                self._raise_writer_error()
+                self._queue.put((ekey, svd.U.to(torch.float16), svd.S))
+            return svd
+
+        return basis
 
     def _write_loop(self) -> None:
         while True:

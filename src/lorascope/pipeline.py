@@ -19,6 +19,7 @@ worker threads too, so a cached scan is bound by reading W0 and U, not by a deco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -293,31 +294,48 @@ def scan_records(
     cache: BasisCache | None = None,
     workers: int | None = None,
     depth: int | None = None,
+    streams: int | None = None,
 ) -> Iterator[list[MatrixRecord]]:
     """Alg. 1 on every pair, in order, one list of records (one per side) per pair.
 
     Same maths as ``lorascope.scan.iter_scan``; reads run ``depth`` pairs ahead (default 8 on a GPU,
     2 on the CPU, where each pending pair costs resident memory) on ``workers`` threads.
     ``basis`` (a caller's hook) wins over ``cache``; without either, ``gram_left_basis``.
+
+    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream): default 4 on a
+    GPU, 1 on the CPU. A GPU scan is bound by the host thread that issues Alg. 1's many small
+    operations and waits on their results, not by the GPU (docs/performance.md); torch releases the
+    GIL while it launches kernels and while it waits, so a few threads keep the GPU fed. Each pair's
+    arithmetic is unchanged, so the records do not depend on ``streams``.
     """
     from lorascope.scan import analyze_matrix
 
     hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
     loader = PairLoader(base, tuned, device, cache_hook=hook)
-    basis_fn = basis or hook or default_basis
     depth = depth or (8 if device.type == "cuda" else 2)
     workers = workers or max(1, min(depth, os.cpu_count() or 1))
-    try:
-        for item in prefetch(pairs, loader, workers, depth):
+    streams = streams or (4 if device.type == "cuda" else 1)
+    local = threading.local()
+
+    def analyze(item: Loaded) -> list[MatrixRecord]:
+        own = streams > 1 and device.type == "cuda"
+        if own and not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(local.stream) if own else contextlib.nullcontext():
             _adopt(item)
             p = item.pair
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), p.kind)
             check_finite(W0, item.base_file, p.name)
             delta = _delta(item, tuned, W0, device, dtype)
-            if hook is not None:
-                hook.current = item.extra
-            yield analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
-            del item, W0, delta
+            basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
+            return analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
+
+    try:
+        loaded = prefetch(pairs, loader, workers, depth)
+        if streams == 1:
+            yield from map(analyze, loaded)
+        else:
+            yield from prefetch(loaded, analyze, streams, streams)
     finally:
         if hook is not None:
             hook.close()

@@ -174,6 +174,7 @@ def scan(
     basis: BasisFn | None = None,
     cache_dir: str | None = None,
     cache_budget: str | int = "20GB",
+    streams: int | None = None,
 ) -> ScanResult:
     """Compare a fine-tuned model or adapter with its base (paper Alg. 1 on every matrix).
 
@@ -181,12 +182,15 @@ def scan(
     PEFT adapter folder. Returns a ``ScanResult``; ``result.save(dir)`` writes scan.json.
     ``cache_dir``: keep base decompositions there (``lorascope.cache``, LRU within ``cache_budget``).
     Under torchrun the matrices are split over the ranks (``lorascope.distributed``). Reads overlap
-    the arithmetic (``lorascope.pipeline``).
+    the arithmetic, and ``streams`` matrices are analysed at once (default 4 on a GPU, 1 on the CPU;
+    ``lorascope.pipeline.scan_records``).
     """
     if not 0 < epsilon <= 1:
         raise InputError(f"epsilon must lie in (0, 1], got {epsilon}")
     if k < 1:
         raise InputError(f"k must be at least 1, got {k}")
+    if streams is not None and streams < 1:
+        raise InputError(f"streams must be at least 1, got {streams}")
     sides = {"left": ("left",), "right": ("right",), "both": ("left", "right")}.get(side)
     if sides is None:
         raise InputError(f"side must be left, right or both, got '{side}'")
@@ -204,7 +208,8 @@ def scan(
     cache = BasisCache(cache_dir, cache_budget) if cache_dir and basis is None else None
     share = distributed.share(pairs, base_ckpt)
     records: list[MatrixRecord] = []
-    stream = pipeline.scan_records(base_ckpt, tuned_src, share, k, epsilon, sides, dev, torch_dtype, basis, cache)
+    stream = pipeline.scan_records(base_ckpt, tuned_src, share, k, epsilon, sides, dev, torch_dtype, basis, cache,
+                                   streams=streams)
     if progress:
         from rich.progress import track
 
