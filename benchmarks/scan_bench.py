@@ -21,6 +21,7 @@ others several. The full fine-tune is W_0 + a rank-32 update of the same kind + 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -290,6 +291,33 @@ def stage_times(root: Path, cfg: dict, device: torch.device, reps: int = 3) -> d
     return out
 
 
+def eigh_floor(root: Path, names: list[str], device: torch.device, threads: int) -> float:
+    """Seconds per matrix of the float64 ``eigh`` of the base Gram matrices alone (the step no exact
+    first scan can skip), ``threads`` at a time, each thread on its own CUDA stream as in the scan."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorascope.io.checkpoint import Checkpoint
+
+    base = Checkpoint(root / "base")
+    grams = []
+    for name in names:
+        W = base.get(name).to(device, torch.float64)
+        grams.append(W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W)
+
+    def one(G: torch.Tensor) -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            torch.linalg.eigh(G)
+        _sync(device)
+
+    one(grams[0])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, grams))
+    _sync(device)
+    return (time.perf_counter() - t0) / len(grams)
+
+
 def gram_left_basis_cached(U0: torch.Tensor):
     from lorascope.spectral import SVD
 
@@ -311,6 +339,8 @@ def main() -> None:
     ap.add_argument("--streams", default="",
                     help="comma-separated stream counts: time each (cached scan; first scan without a cache "
                          "too with --no-cache-scan) against the default, in this process")
+    ap.add_argument("--eigh-floor", action="store_true",
+                    help="also time the float64 eigh of the base Gram matrices alone (1 and 8 threads)")
     ap.add_argument("--workdir", default=None, help="where the model files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write every number here as JSON")
     args = ap.parse_args()
@@ -334,6 +364,10 @@ def main() -> None:
         if args.stages:
             report["stages"] = stage_times(root, cfg, device)
         names = [f"model.layers.{i}.{m}.weight" for i in range(base_layers) for m, _, _ in modules(cfg)]
+        if args.eigh_floor:
+            floor = {th: eigh_floor(root, names, device, th) for th in (1, 8, 1, 8)}
+            report["eigh_floor_s_per_matrix"] = floor
+            print(f"float64 eigh of the base Gram alone: {json.dumps(floor)} s per matrix", flush=True)
         n_all = layers * len(modules(cfg))
         rows = []
         cache = root / "cache"

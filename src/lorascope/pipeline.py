@@ -298,11 +298,11 @@ def scan_records(
 ) -> Iterator[list[MatrixRecord]]:
     """Alg. 1 on every pair, in order, one list of records (one per side) per pair.
 
-    Same maths as ``lorascope.scan.iter_scan``; reads run ``depth`` pairs ahead (default 8 on a GPU,
-    2 on the CPU, where each pending pair costs resident memory) on ``workers`` threads.
+    Same maths as ``lorascope.scan.iter_scan``; reads run ``depth`` pairs ahead (default 2·streams on
+    a GPU, 2 on the CPU, where each pending pair costs resident memory) on ``workers`` threads.
     ``basis`` (a caller's hook) wins over ``cache``; without either, ``gram_left_basis``.
 
-    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream): default 4 on a
+    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream): default 8 on a
     GPU, 1 on the CPU. A GPU scan is bound by the host thread that issues Alg. 1's many small
     operations and waits on their results, not by the GPU (docs/performance.md); torch releases the
     GIL while it launches kernels and while it waits, so a few threads keep the GPU fed. Each pair's
@@ -312,9 +312,9 @@ def scan_records(
 
     hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
     loader = PairLoader(base, tuned, device, cache_hook=hook)
-    depth = depth or (8 if device.type == "cuda" else 2)
-    workers = workers or max(1, min(depth, os.cpu_count() or 1))
-    streams = streams or (4 if device.type == "cuda" else 1)
+    streams = streams or (8 if device.type == "cuda" else 1)
+    depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
+    workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
     local = threading.local()
 
     def analyze(item: Loaded) -> list[MatrixRecord]:

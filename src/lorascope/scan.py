@@ -182,7 +182,7 @@ def scan(
     PEFT adapter folder. Returns a ``ScanResult``; ``result.save(dir)`` writes scan.json.
     ``cache_dir``: keep base decompositions there (``lorascope.cache``, LRU within ``cache_budget``).
     Under torchrun the matrices are split over the ranks (``lorascope.distributed``). Reads overlap
-    the arithmetic, and ``streams`` matrices are analysed at once (default 4 on a GPU, 1 on the CPU;
+    the arithmetic, and ``streams`` matrices are analysed at once (default 8 on a GPU, 1 on the CPU;
     ``lorascope.pipeline.scan_records``).
     """
     if not 0 < epsilon <= 1:
