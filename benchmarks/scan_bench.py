@@ -341,6 +341,7 @@ def main() -> None:
                          "too with --no-cache-scan) against the default, in this process")
     ap.add_argument("--eigh-floor", action="store_true",
                     help="also time the float64 eigh of the base Gram matrices alone (1 and 8 threads)")
+    ap.add_argument("--build-only", action="store_true", help="write the model files to --workdir and stop")
     ap.add_argument("--workdir", default=None, help="where the model files go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write every number here as JSON")
     args = ap.parse_args()
@@ -360,6 +361,8 @@ def main() -> None:
             build_model(root, cfg, layers, device, args.full_ft)
         report["build_seconds"] = round(time.perf_counter() - t, 1)
         print(f"model in {root} ({report['build_seconds']} s)", flush=True)
+        if args.build_only:
+            return
         _warm_up(device)
         if args.stages:
             report["stages"] = stage_times(root, cfg, device)
