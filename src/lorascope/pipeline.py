@@ -330,6 +330,10 @@ def scan_records(
             basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
             return analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
 
+    if streams > 1 and device.type == "cuda":
+        # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
+        # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
+        torch.linalg.eigvalsh(torch.eye(2, device=device))
     try:
         loaded = prefetch(pairs, loader, workers, depth)
         if streams == 1:
