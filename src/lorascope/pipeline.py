@@ -302,17 +302,18 @@ def scan_records(
     a GPU, 2 on the CPU, where each pending pair costs resident memory) on ``workers`` threads.
     ``basis`` (a caller's hook) wins over ``cache``; without either, ``gram_left_basis``.
 
-    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream): default 8 on a
-    GPU, 1 on the CPU. A GPU scan is bound by the host thread that issues Alg. 1's many small
-    operations and waits on their results, not by the GPU (docs/performance.md); torch releases the
-    GIL while it launches kernels and while it waits, so a few threads keep the GPU fed. Each pair's
+    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream); the default is
+    ``default_streams``. One thread cannot keep a GPU busy: Alg. 1 on one pair is hundreds of small
+    operations and several waits for their results (docs/performance.md). torch releases the GIL
+    while it launches kernels and while it waits, so with a few threads the GPU always has work,
+    e.g. the Krylov steps of some pairs run while another pair's base ``eigh`` does. Each pair's
     arithmetic is unchanged, so the records do not depend on ``streams``.
     """
     from lorascope.scan import analyze_matrix
 
     hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
     loader = PairLoader(base, tuned, device, cache_hook=hook)
-    streams = streams or (8 if device.type == "cuda" else 1)
+    streams = streams or default_streams(base, pairs, device, dtype)
     depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
     workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
     local = threading.local()
@@ -343,6 +344,24 @@ def scan_records(
     finally:
         if hook is not None:
             hook.close()
+
+
+def default_streams(base: Checkpoint, pairs: list[MatrixPair], device: torch.device, dtype: torch.dtype) -> int:
+    """1 on the CPU (the arithmetic already uses every core). On a GPU 8, or as many as fit in half
+    its free memory when each holds the largest pair's working set: W_0, ΔW or W_t and temporaries
+    (about 6 matrices in ``dtype``), and the float64 Gram matrix, its eigenvectors and ``eigh``'s
+    workspace (about 3 Gram-sized float64 matrices)."""
+    if device.type != "cuda" or not pairs:
+        return 1
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    need = 0
+    for p in pairs:
+        shape = base.shape(p.name)
+        mn = math.prod(shape)
+        r = min(shape[0], mn // shape[0]) if shape[0] else 0
+        need = max(need, 6 * mn * itemsize + 3 * r * r * 8)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(8, free // 2 // max(need, 1)))
 
 
 def _delta(item: Loaded, tuned: TunedSource, W0: torch.Tensor, device: torch.device,

@@ -164,12 +164,12 @@ class PeftAdapter:
     def scaling(self, module: str, r: int) -> float:
         """PEFT's scaling for ``module``: α/r, or α/√r with use_rslora; α from alpha_pattern if a
         pattern matches (``peft.utils.other.get_pattern_key``)."""
-        from peft.utils.other import get_pattern_key
-
         alpha = self.config.get("lora_alpha", 8)
         patterns = self.config.get("alpha_pattern") or {}
-        key = get_pattern_key(list(patterns), module)
-        alpha = patterns.get(key, alpha)
+        if patterns:  # importing peft takes seconds: only when there is a pattern to match
+            from peft.utils.other import get_pattern_key
+
+            alpha = patterns.get(get_pattern_key(list(patterns), module), alpha)
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def _peft_delta(self, module: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
