@@ -162,14 +162,17 @@ def test_cli_scan_writes_results_and_exit_code(tmp_path):
     base, adapter, _ = make_pair(tmp_path, "llama")
     env = {**os.environ, "COLUMNS": "200"}
     ok = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(adapter), "--k", "5",
-                         "--out", str(tmp_path / "o"), "--format", "json,csv"], capture_output=True, text=True,
-                        env=env)
+                         "--out", str(tmp_path / "o"), "--format", "json,csv", "--streams", "2"],
+                        capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "intruder dimensions in" in ok.stderr
     assert (tmp_path / "o" / "scan.json").is_file() and (tmp_path / "o" / "scan.csv").is_file()
     bad = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(tmp_path / "nope")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "error:" in bad.stderr and "nope" in bad.stderr
+    zero = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(adapter), "--streams", "0"],
+                          capture_output=True, text=True, env=env)
+    assert zero.returncode == 2 and "streams" in zero.stderr
 
 
 @pytest.mark.parametrize("tuner", ["loha", "lokr"])

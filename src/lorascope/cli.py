@@ -35,6 +35,8 @@ def scan(
     format: str = typer.Option("json", help="Comma-separated: json,csv,parquet."),
     cache_dir: Path | None = typer.Option(None, help="Keep base decompositions here for later scans."),
     cache_budget: str = typer.Option("20GB", help="Size limit of --cache-dir (least recently used go)."),
+    streams: int = typer.Option(None, help="Matrices analysed at once (default: 8 on a GPU if memory allows, "
+                                "1 on the CPU)."),
 ) -> None:
     """Find intruder dimensions (paper Alg. 1) in every weight matrix a fine-tune or adapter changed.
     Under `torchrun --nproc-per-node N -m lorascope scan ...` the matrices are split over N ranks."""
@@ -43,7 +45,8 @@ def scan(
 
     result = run_scan(base, tuned, k=k, epsilon=epsilon, side=side, modules=modules, embeddings=embeddings,
                       device=device, dtype=dtype, progress=distributed.is_main(),
-                      cache_dir=str(cache_dir) if cache_dir else None, cache_budget=cache_budget)
+                      cache_dir=str(cache_dir) if cache_dir else None, cache_budget=cache_budget,
+                      streams=streams)
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
     print_scan_summary(result)
