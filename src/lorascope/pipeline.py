@@ -1,7 +1,7 @@
 """The scan's fast path: overlapped reads, no memory maps, a lean float64 base basis.
 
 ``scan`` runs Alg. 1 on every matrix pair through ``scan_records``, which does the same maths as
-``lorascope.scan.iter_scan`` (the same ``analyze_matrix``) with three changes, each measured in
+``lorascope.scan.iter_scan`` (the same ``analyze_matrix``) with four changes, each measured in
 docs/performance.md:
 
 1. Reads overlap the arithmetic. Worker threads read the next tensors while the device works on
@@ -12,6 +12,8 @@ docs/performance.md:
    buffers that are freed after each pair keep the peak near the largest matrix pair instead.
 3. The base basis (``gram_left_basis``) is the float64 Gram route of ``left_basis`` computed in
    column or row blocks, so no float64 copy of W is ever held whole, and U comes back in W's dtype.
+4. On a GPU several pairs are analysed at once, each in its own thread and CUDA stream, so the
+   GPU never waits on one thread's kernel launches and synchronisations.
 
 Optional: a ``BasisCache`` (lorascope.cache) supplies bases from disk; its look-ups happen in the
 worker threads too, so a cached scan is bound by reading W0 and U, not by a decomposition.
