@@ -171,3 +171,27 @@ def test_concurrent_pairs_give_the_same_records_in_order(tmp_path):
         assert a.max_cos == pytest.approx(b.max_cos, abs=1e-3) and a.n_intruders == b.n_intruders, a.name
     with pytest.raises(InputError, match="streams"):
         scan(str(base), str(adapter), device="cpu", streams=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_concurrent_cuda_streams_give_the_same_records(tmp_path):
+    torch.manual_seed(0)  # wide enough that the unchanged matrices of "merged" take the Krylov top-k
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    routes = []
+    for tuned in (adapter, merged):
+        one = scan(str(base), str(tuned), device="cuda", side="both", streams=1).matrices
+        routes += [r.exact for r in one]
+        many = scan(str(base), str(tuned), device="cuda", side="both", streams=4).matrices
+        assert [r.name for r in many] == [r.name for r in one]
+        for a, b in zip(many, one, strict=True):
+            assert a.max_cos == pytest.approx(b.max_cos, abs=1e-6) and a.best_match == b.best_match, a.name
+            assert a.n_intruders == b.n_intruders and a.singular_values == pytest.approx(b.singular_values, rel=1e-6)
+    assert any(routes) and not all(routes)  # both the exact and the Krylov route ran
