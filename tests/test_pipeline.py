@@ -98,10 +98,10 @@ def test_prefetch_keeps_order_overlaps_and_raises():
         list(prefetch(range(5), boom, workers=2, depth=2))
 
 
-def _llama_pair(tmp_path):
+def _llama_pair(tmp_path, hidden=48, intermediate=80, layers=2, kv_heads=2):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -175,16 +175,8 @@ def test_concurrent_pairs_give_the_same_records_in_order(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_concurrent_cuda_streams_give_the_same_records(tmp_path):
-    torch.manual_seed(0)  # wide enough that the unchanged matrices of "merged" take the Krylov top-k
-    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
-    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    # wide enough that the unchanged matrices of "merged" take the Krylov top-k, not the exact route
+    base, adapter, merged = _llama_pair(tmp_path, hidden=256, intermediate=512, layers=1, kv_heads=4)
     routes = []
     for tuned in (adapter, merged):
         one = scan(str(base), str(tuned), device="cuda", side="both", streams=1).matrices
