@@ -13,3 +13,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def llama_lora(tmp_path):
+    """``build(...)`` writes a tiny random LLaMA (tmp_path/base), a PEFT LoRA of it (tmp_path/adapter)
+    and, with ``merged=True``, the merged model (tmp_path/merged); returns the three paths (the
+    last None without ``merged``). Seeded, so each configuration gives the same weights every time."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build(hidden=48, intermediate=80, layers=2, kv_heads=2, alpha=8,
+              targets=("q_proj", "v_proj", "down_proj"), merged=False):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                          max_position_embeddings=32)
+        model = LlamaForCausalLM(cfg)
+        model.save_pretrained(tmp_path / "base")
+        lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False,
+                                                target_modules=list(targets)))
+        lora.save_pretrained(tmp_path / "adapter")
+        if merged:
+            lora.merge_and_unload().save_pretrained(tmp_path / "merged")
+        return tmp_path / "base", tmp_path / "adapter", (tmp_path / "merged" if merged else None)
+
+    return build

@@ -5,9 +5,7 @@ import sqlite3
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorascope.cache import BasisCache, parse_size, tensor_digest
 from lorascope.errors import InputError
@@ -94,20 +92,11 @@ def test_damaged_or_mismatched_entry_is_a_miss(tmp_path):
     assert cache.load("k", (6, 9)) is None
 
 
-def _pair(tmp_path):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
-                                            target_modules=["q_proj", "o_proj", "gate_proj", "down_proj"]))
-    lora.save_pretrained(tmp_path / "adapter")
-    return tmp_path / "base", tmp_path / "adapter"
+_CACHE_PAIR = dict(alpha=16, targets=("q_proj", "o_proj", "gate_proj", "down_proj"))
 
 
-def test_scan_with_cache_dir_hits_on_the_second_scan(tmp_path):
-    base, adapter = _pair(tmp_path)
+def test_scan_with_cache_dir_hits_on_the_second_scan(tmp_path, llama_lora):
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
     plain = scan(str(base), str(adapter), device="cpu", side="both")
     first = scan(str(base), str(adapter), device="cpu", side="both", cache_dir=str(tmp_path / "cache"))
     files = sorted((tmp_path / "cache" / "bases").rglob("*.safetensors"))
@@ -123,8 +112,8 @@ def test_scan_with_cache_dir_hits_on_the_second_scan(tmp_path):
         assert c.best_match == a.best_match and c.base_singular_values == a.base_singular_values
 
 
-def test_generic_basis_hook(tmp_path):
-    base, adapter = _pair(tmp_path)
+def test_generic_basis_hook(tmp_path, llama_lora):
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
     cache = BasisCache(tmp_path / "cache")
     first = scan(str(base), str(adapter), device="cpu", basis=cache)
     assert cache.stats["misses"] == len(first.matrices) and cache.stats["hits"] == 0

@@ -5,10 +5,6 @@ import os
 import subprocess
 import sys
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from lorascope.distributed import matrix_cost, split
 
 
@@ -29,15 +25,8 @@ def _cli(args: list[str], cwd, launcher: list[str]) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=240)
 
 
-def test_torchrun_two_ranks_gloo_equals_one_process(tmp_path):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
-                                            target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
-    lora.save_pretrained(tmp_path / "adapter")
+def test_torchrun_two_ranks_gloo_equals_one_process(tmp_path, llama_lora):
+    llama_lora(hidden=40, intermediate=72, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
     common = [str(tmp_path / "base"), str(tmp_path / "adapter"), "--device", "cpu", "--side", "both"]
     one = _cli([*common, "--out", str(tmp_path / "one")], tmp_path, [])
     assert one.returncode == 0, one.stderr

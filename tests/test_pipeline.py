@@ -5,9 +5,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorascope.errors import InputError, NonFiniteError
 from lorascope.io.adapters import open_tuned
@@ -98,19 +97,6 @@ def test_prefetch_keeps_order_overlaps_and_raises():
         list(prefetch(range(5), boom, workers=2, depth=2))
 
 
-def _llama_pair(tmp_path, hidden=48, intermediate=80, layers=2, kv_heads=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
-    return tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
-
-
 def _reference(base, tuned, side="left"):
     """The plain streaming path (Checkpoint.get, left_basis in float64), record by record."""
     b, t = Checkpoint(base), open_tuned(str(tuned))
@@ -120,8 +106,8 @@ def _reference(base, tuned, side="left"):
 
 
 @pytest.mark.parametrize("tuned_key", ["adapter", "merged"])
-def test_pipeline_scan_equals_iter_scan(tmp_path, tuned_key):
-    paths = dict(zip(("base", "adapter", "merged"), _llama_pair(tmp_path), strict=True))
+def test_pipeline_scan_equals_iter_scan(llama_lora, tuned_key):
+    paths = dict(zip(("base", "adapter", "merged"), llama_lora(merged=True), strict=True))
     got = scan(str(paths["base"]), str(paths[tuned_key]), device="cpu", side="both").matrices
     ref = _reference(paths["base"], paths[tuned_key], side="both")
     assert [(r.name, r.side) for r in got] == [(r.name, r.side) for r in ref]
@@ -148,8 +134,8 @@ def test_pipeline_handles_conv1d_full_finetune(tmp_path):
         assert a.delta_rel_norm == pytest.approx(b.delta_rel_norm, rel=1e-5)
 
 
-def test_pipeline_reports_nan_with_file_and_tensor(tmp_path):
-    base, adapter, _ = _llama_pair(tmp_path)
+def test_pipeline_reports_nan_with_file_and_tensor(llama_lora):
+    base, adapter, _ = llama_lora(merged=True)
     sd = load_file(str(base / "model.safetensors"))
     name = "model.layers.1.self_attn.v_proj.weight"
     sd[name][0, 0] = float("nan")
@@ -158,8 +144,8 @@ def test_pipeline_reports_nan_with_file_and_tensor(tmp_path):
         scan(str(base), str(adapter), device="cpu")
 
 
-def test_concurrent_pairs_give_the_same_records_in_order(tmp_path):
-    base, adapter, merged = _llama_pair(tmp_path)
+def test_concurrent_pairs_give_the_same_records_in_order(tmp_path, llama_lora):
+    base, adapter, merged = llama_lora(merged=True)
     for tuned in (adapter, merged):
         one = scan(str(base), str(tuned), device="cpu", side="both", streams=1).matrices
         many = scan(str(base), str(tuned), device="cpu", side="both", streams=3).matrices
@@ -174,9 +160,9 @@ def test_concurrent_pairs_give_the_same_records_in_order(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_concurrent_cuda_streams_give_the_same_records(tmp_path):
+def test_concurrent_cuda_streams_give_the_same_records(llama_lora):
     # wide enough that the unchanged matrices of "merged" take the Krylov top-k, not the exact route
-    base, adapter, merged = _llama_pair(tmp_path, hidden=256, intermediate=512, layers=1, kv_heads=4)
+    base, adapter, merged = llama_lora(hidden=256, intermediate=512, layers=1, kv_heads=4, merged=True)
     routes = []
     for tuned in (adapter, merged):
         one = scan(str(base), str(tuned), device="cuda", side="both", streams=1).matrices
