@@ -318,13 +318,13 @@ def scan_records(
     streams = streams or default_streams(base, pairs, device, dtype)
     depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
     workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
+    own_streams = streams > 1 and device.type == "cuda"
     local = threading.local()
 
     def analyze(item: Loaded) -> list[MatrixRecord]:
-        own = streams > 1 and device.type == "cuda"
-        if own and not hasattr(local, "stream"):
+        if own_streams and not hasattr(local, "stream"):
             local.stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(local.stream) if own else contextlib.nullcontext():
+        with torch.cuda.stream(local.stream) if own_streams else contextlib.nullcontext():
             _adopt(item)
             p = item.pair
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), p.kind)
@@ -333,7 +333,7 @@ def scan_records(
             basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
             return analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
 
-    if streams > 1 and device.type == "cuda":
+    if own_streams:
         # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
         # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
         torch.linalg.eigvalsh(torch.eye(2, device=device))
