@@ -1,5 +1,6 @@
 """The on-disk basis cache: content keys, the identity memo, float16 accuracy, LRU budget."""
 
+import multiprocessing
 import os
 import sqlite3
 
@@ -128,3 +129,22 @@ def test_unwritable_cache_dir_is_an_input_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot create the cache folder"):
         BasisCache(blocker / "cache")
+
+
+def _open_cache_after(barrier, root) -> None:
+    barrier.wait()
+    BasisCache(root).close()
+
+
+def test_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
+    # torchrun ranks open one index together; SQLite may refuse the switch to WAL at once ("database
+    # is locked") instead of waiting, which failed about 2 in 3 such openings before the retry
+    ctx = multiprocessing.get_context("fork")
+    for i in range(6):
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_open_cache_after, args=(barrier, tmp_path / str(i))) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0], f"round {i}"

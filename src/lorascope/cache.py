@@ -87,12 +87,22 @@ class BasisCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "index.sqlite", timeout=60, check_same_thread=False,
                                    isolation_level=None)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT, size INTEGER, mtime INTEGER, "
-                             "tensor TEXT, digest TEXT, PRIMARY KEY (path, size, mtime, tensor))")
-            self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, nbytes INTEGER, "
-                             "last_used REAL)")
+        # Switching to WAL needs an exclusive lock, and SQLite may answer "database is locked" at
+        # once, without waiting out the timeout, when another process (a torchrun rank) opens the
+        # index at the same moment: retry for up to a minute.
+        for attempt in range(600):
+            try:
+                with self._lock:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT, size INTEGER, mtime INTEGER, "
+                                     "tensor TEXT, digest TEXT, PRIMARY KEY (path, size, mtime, tensor))")
+                    self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, "
+                                     "nbytes INTEGER, last_used REAL)")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 599:
+                    raise InputError(f"{self.root}: cannot open the cache index ({e})") from e
+                time.sleep(0.1)
         self.stats = {"hits": 0, "misses": 0, "hashed": 0, "memo_hits": 0, "evicted": 0}
 
     # -- identity memo ---------------------------------------------------------------------
