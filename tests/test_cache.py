@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorascope.cache import BasisCache, parse_size, tensor_digest
+from lorascope import scan
 from lorascope.errors import InputError
-from lorascope.pipeline import gram_left_basis
-from lorascope.scan import scan
+from lorascope.scanning.cache import BasisCache, parse_size, tensor_digest
+from lorascope.spectral import left_basis
 
 
 def test_parse_size():
@@ -60,7 +60,7 @@ def _planted(m=96, n=160, seed=0):
 def test_float16_bases_keep_max_cos_within_1e_4(tmp_path):
     W, Y = _planted()
     cache = BasisCache(tmp_path / "c")
-    ref = gram_left_basis(W)  # float64 reference
+    ref = left_basis(W)  # float64 reference
     cache.store("k", ref.U, ref.S)
     hit = cache.load("k", tuple(W.shape))
     assert hit.U.dtype == torch.float16 and hit.S.dtype == torch.float64

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from lorascope.distributed import matrix_cost, split
+from lorascope.scanning.distributed import matrix_cost, split
 
 
 def test_split_is_a_balanced_partition():

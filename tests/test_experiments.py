@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lorascope import scan
 from typer.testing import CliRunner
 
 from lorascope.cli import app
@@ -36,7 +37,6 @@ from lorascope.experiments.store import Store
 from lorascope.experiments.tiny import write_tiny_assets
 from lorascope.report.loader import load as load_report
 from lorascope.report.tables import continual_groups, lam_groups, lam_rows
-from lorascope.scan import scan
 from lorascope.schema import ScanResult
 from lorascope.train import TrainConfig, train
 

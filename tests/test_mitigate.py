@@ -14,9 +14,10 @@ from safetensors import safe_open
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorascope
+from lorascope import scan
 from lorascope.errors import InputError, MismatchError
-from lorascope.mitigate import MitigationResult, compress_factors
-from lorascope.scan import scan
+from lorascope.schema import MitigationResult
+from lorascope.spectral.edit import compress_factors
 
 EPS, K = 0.5, 10
 # targeted modules (PEFT names) and the layout of their weights: W (out, in) = stored or storedᵀ
@@ -411,7 +412,7 @@ def test_bad_input(llama, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(InputError, match="already exists"):
         lorascope.mitigate(base, adapter, tmp_path / "exists")
-    with pytest.raises(InputError, match="is \\(or contains\\) the input"):
+    with pytest.raises(InputError, match="is the tuned input"):
         lorascope.mitigate(base, adapter, adapter, overwrite=True)
     with pytest.raises(InputError, match="compress"):
         lorascope.mitigate(base, adapter, tmp_path / "x", format="merged", compress=2)

@@ -17,9 +17,8 @@ import pytest
 from matplotlib.patches import Rectangle
 
 from lorascope.errors import InputError
-from lorascope.mitigate import MatrixMitigation, MitigationResult, ScaledDirection
 from lorascope.report import build_report, figures, load, tables
-from lorascope.schema import MatrixRecord, ScanResult
+from lorascope.schema import MatrixMitigation, MatrixRecord, MitigationResult, ScaledDirection, ScanResult
 
 N, K, EPS = 48, 10, 0.5
 NAMES = [f"encoder.layer.{layer}.{m}.weight" for layer in range(2)

@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from lorascope import scan
 from lorascope.errors import InputError, MismatchError, NonFiniteError
-from lorascope.scan import scan
 from lorascope.schema import ScanResult
 
 

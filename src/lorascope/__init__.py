@@ -1,13 +1,43 @@
-"""lorascope: show, measure and undo how fine-tuning changes a pretrained model."""
+"""lorascope: show, measure and undo how fine-tuning changes a pretrained model.
+
+The public API is loaded on first use (PEP 562), so ``import lorascope`` and ``lorascope --help``
+import neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Imported eagerly on purpose: `scan` and `mitigate` share their names with their modules, and only
-# binding them here, before anything else can import the submodules, keeps `lorascope.scan(...)` and
-# `lorascope.mitigate(...)` the functions.
-from lorascope.mitigate import mitigate as mitigate  # noqa: E402
-from lorascope.scan import scan as scan  # noqa: E402
-from lorascope.schema import MatrixRecord as MatrixRecord  # noqa: E402
-from lorascope.schema import ScanResult as ScanResult
+_EXPORTS = {  # public name -> the module that defines it
+    "scan": "lorascope.scanning.api",
+    "mitigate": "lorascope.mitigation.api",
+    "ScanOptions": "lorascope.scanning.options",
+    "ScanResult": "lorascope.schema",
+    "MatrixRecord": "lorascope.schema",
+    "MitigationResult": "lorascope.schema",
+}
 
-__all__ = ["MatrixRecord", "ScanResult", "__version__", "mitigate", "scan"]
+__all__ = ["MatrixRecord", "MitigationResult", "ScanOptions", "ScanResult", "__version__", "mitigate", "scan"]
+
+if TYPE_CHECKING:
+    from lorascope.mitigation.api import mitigate as mitigate
+    from lorascope.scanning.api import scan as scan
+    from lorascope.scanning.options import ScanOptions as ScanOptions
+    from lorascope.schema import MatrixRecord as MatrixRecord
+    from lorascope.schema import MitigationResult as MitigationResult
+    from lorascope.schema import ScanResult as ScanResult
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'lorascope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorascope.errors import LorascopeError
+from lorascope.scanning.options import default as scan_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -23,35 +24,42 @@ def _root() -> None:
 @app.command()
 def scan(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
-    tuned: str = typer.Argument(..., help="Fine-tuned model (folder, file, hub id) or PEFT adapter folder."),
-    k: int = typer.Option(10, help="Top-k singular vectors of the tuned matrix to test."),
-    epsilon: float = typer.Option(0.5, help="Intruder threshold on max |cos| (paper: 0.5)."),
-    side: str = typer.Option("left", help="left (paper), right or both singular vectors."),
-    modules: str | None = typer.Option(None, help="Regex on tensor names to restrict the scan."),
-    embeddings: bool = typer.Option(False, help="Also scan embedding matrices."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", help="float32 or float64 for the tuned decomposition."),
+    tuned: str = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder or kohya "
+                                "LoRA file."),
+    k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
+    epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
+    side: str = typer.Option(scan_default("side"), help="left (paper), right or both singular vectors."),
+    modules: str | None = typer.Option(scan_default("modules"), help="Regex on tensor names to restrict the scan."),
+    embeddings: bool = typer.Option(scan_default("embeddings"), help="Also scan embedding matrices."),
+    device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
+    dtype: str = typer.Option(scan_default("dtype"), help="float32 or float64 for the tuned decomposition."),
     out: Path | None = typer.Option(None, help="Write OUT/scan.json (and other formats) here."),
     format: str = typer.Option("json", help="Comma-separated: json,csv,parquet."),
-    cache_dir: Path | None = typer.Option(None, help="Keep base decompositions here for later scans."),
-    cache_budget: str = typer.Option("20GB", help="Size limit of --cache-dir (least recently used go)."),
-    streams: int = typer.Option(None, help="Matrices analysed at once (default: 8 on a GPU if memory allows, "
-                                "1 on the CPU)."),
+    cache_dir: Path | None = typer.Option(scan_default("cache_dir"), help="Keep base decompositions here for "
+                                          "later scans."),
+    cache_budget: str = typer.Option(scan_default("cache_budget"), help="Size limit of --cache-dir (least "
+                                     "recently used go)."),
+    streams: int = typer.Option(scan_default("streams"), help="Matrices analysed at once (default: 8 on a GPU if "
+                                "memory allows, 1 on the CPU)."),
 ) -> None:
     """Find intruder dimensions (paper Alg. 1) in every weight matrix a fine-tune or adapter changed.
     Under `torchrun --nproc-per-node N -m lorascope scan ...` the matrices are split over N ranks."""
-    from lorascope import distributed
-    from lorascope.scan import scan as run_scan
+    from lorascope.scanning.options import ScanOptions
+    from lorascope.schema import check_formats
 
-    result = run_scan(base, tuned, k=k, epsilon=epsilon, side=side, modules=modules, embeddings=embeddings,
-                      device=device, dtype=dtype, progress=distributed.is_main(),
-                      cache_dir=str(cache_dir) if cache_dir else None, cache_budget=cache_budget,
-                      streams=streams)
+    formats = check_formats(format)  # before the scan, not after it
+    options = ScanOptions(k=k, epsilon=epsilon, side=side, modules=modules, embeddings=embeddings, device=device,
+                          dtype=dtype, cache_dir=str(cache_dir) if cache_dir else None, cache_budget=cache_budget,
+                          streams=streams)
+    from lorascope.scanning import distributed
+    from lorascope.scanning.api import scan as run_scan
+
+    result = run_scan(base, tuned, options, progress=distributed.is_main())
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
     print_scan_summary(result)
     if out is not None:
-        written = result.save(out, tuple(f.strip() for f in format.split(",") if f.strip()))
+        written = result.save(out, formats)
         console.print("wrote " + ", ".join(str(w) for w in written))
 
 
@@ -78,26 +86,28 @@ def print_scan_summary(result) -> None:
 @app.command()
 def mitigate(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
-    tuned: str = typer.Argument(..., help="PEFT adapter folder or fully fine-tuned model."),
+    tuned: str = typer.Argument(..., help="PEFT adapter folder, kohya LoRA file or fully fine-tuned model."),
     out: Path = typer.Option(..., help="Output folder (adapter or model), with mitigation.json."),
     lam: float = typer.Option(0.75, help="λ in [0, 2]: each chosen σ becomes λσ (0 removes, 1 keeps)."),
-    epsilon: float = typer.Option(0.5, help="Intruder threshold on max |cos| (paper: 0.5)."),
-    k: int = typer.Option(10, help="Top-k singular vectors of the tuned matrix to test."),
+    epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
+    k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
     which: str = typer.Option("top1", help="top1: the highest-ranked intruder per matrix (paper §5); all."),
     control: str | None = typer.Option(None, help="neighbour: scale the best-matching base direction."),
-    format: str = typer.Option("auto", help="adapter (LoRA in, exact), merged (safetensors model) or auto."),
+    format: str = typer.Option("auto", help="adapter (the input's adapter format, exact), merged (safetensors "
+                               "model) or auto."),
     compress: int | None = typer.Option(None, help="Re-factorise changed LoRA modules to this rank."),
-    modules: str | None = typer.Option(None, help="Regex on tensor names to restrict the change."),
-    embeddings: bool = typer.Option(False, help="Also mitigate embedding matrices."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    modules: str | None = typer.Option(scan_default("modules"), help="Regex on tensor names to restrict the change."),
+    embeddings: bool = typer.Option(scan_default("embeddings"), help="Also mitigate embedding matrices."),
+    device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ) -> None:
     """Scale intruder dimensions by λ (paper §5) and write a working adapter or model."""
-    from lorascope.mitigate import mitigate as run_mitigate
+    from lorascope.mitigation.api import mitigate as run_mitigate
+    from lorascope.scanning.options import ScanOptions
 
-    result = run_mitigate(base, tuned, out, lam=lam, epsilon=epsilon, k=k, which=which, control=control,
-                          format=format, compress=compress, modules=modules, embeddings=embeddings,
-                          overwrite=overwrite, device=device, progress=True)
+    options = ScanOptions(k=k, epsilon=epsilon, modules=modules, embeddings=embeddings, device=device)
+    result = run_mitigate(base, tuned, out, lam=lam, which=which, control=control, format=format,
+                          compress=compress, overwrite=overwrite, progress=True, options=options)
     s = result.summary()
     console.print(f"scaled {s['n_directions']} direction(s) in {s['n_changed']} of {s['n_matrices']} matrices "
                   f"(λ={lam}, which={which}, control={result.settings['control'] or 'none'}); "

@@ -116,7 +116,8 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
              overwrite: bool = False, progress: bool = True, console=None) -> dict[str, Any]:
     """Run the demo into ``out`` (written atomically) and return its summary."""
     from lorascope.evaluate.metrics import relative_change, representation_drift
-    from lorascope.scan import resolve_device, scan
+    from lorascope.runtime import resolve_device
+    from lorascope.scanning.api import scan
     from lorascope.train import TrainConfig, load_trained, train
 
     settings = QUICK if quick else FULL

@@ -7,18 +7,21 @@ k' ≤ k can be re-counted from a saved scan without recomputing a decomposition
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_write_json, atomic_write_text
+from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = "1.0"
+OUTPUT_FORMATS = ("json", "csv", "parquet")
 EPSILON_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 … 0.95
 
 
@@ -48,15 +51,49 @@ class MatrixRecord:
 
 
 @dataclass
-class ScanResult:
+class Result:
+    """The envelope every result file shares: what was compared, with what, when and how fast."""
+
     settings: dict[str, Any]
-    matrices: list[MatrixRecord]
+    matrices: list[Any]
     versions: dict[str, str] = field(default_factory=dict)
     unpaired: dict[str, list[str]] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     command: str | None = None
     created: str | None = None
     schema_version: str = SCHEMA_VERSION
+    result_kind: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _to_dict(self, **extra: Any) -> dict[str, Any]:
+        """The envelope in its fixed key order, with ``extra`` (e.g. a mitigation's output) after settings."""
+        return {
+            "schema_version": self.schema_version, "result_kind": self.result_kind, "created": self.created,
+            "command": self.command, "settings": self.settings, **extra, "versions": self.versions,
+            "timing": self.timing, "summary": self.summary(), "unpaired": self.unpaired,
+            "matrices": [asdict(m) for m in self.matrices],
+        }
+
+    @classmethod
+    def _envelope(cls, d: dict[str, Any], matrices: Callable[[list[Any]], list[Any]]) -> dict[str, Any]:
+        """The constructor arguments shared by every kind, after checking the kind and major version;
+        ``matrices`` builds the records from their dicts."""
+        version = str(d.get("schema_version", ""))
+        if d.get("result_kind", cls.result_kind) != cls.result_kind:
+            raise InputError(f"result_kind is '{d.get('result_kind')}', expected '{cls.result_kind}'")
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise InputError(f"{cls.result_kind} result has schema version '{version}', this lorascope reads "
+                             f"{SCHEMA_VERSION}")
+        return dict(settings=d["settings"], matrices=matrices(d["matrices"]), versions=d.get("versions", {}),
+                    unpaired=d.get("unpaired", {}), timing=d.get("timing", {}), command=d.get("command"),
+                    created=d.get("created"), schema_version=version)
+
+
+@dataclass
+class ScanResult(Result):
+    matrices: list[MatrixRecord] = field(default_factory=list)
     result_kind: str = "scan"
 
     # -- derived views ---------------------------------------------------------------------
@@ -90,22 +127,11 @@ class ScanResult:
 
     # -- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = {
-            "schema_version": self.schema_version,
-            "result_kind": self.result_kind,
-            "created": self.created,
-            "command": self.command,
-            "settings": self.settings,
-            "versions": self.versions,
-            "timing": self.timing,
-            "summary": self.summary(),
-            "unpaired": self.unpaired,
-            "matrices": [asdict(m) for m in self.matrices],
-        }
-        return d
+        return self._to_dict()
 
     def save(self, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json",)) -> list[Path]:
         """Write ``scan.json`` (always) and ``scan.csv`` / ``scan.parquet`` on request, atomically."""
+        formats = check_formats(formats)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "scan.json"]
@@ -115,7 +141,6 @@ class ScanResult:
                 continue
             if fmt == "csv":
                 import csv
-                import io
 
                 buf = io.StringIO()
                 rows = self.rows()
@@ -125,33 +150,15 @@ class ScanResult:
                 atomic_write_text(out / "scan.csv", buf.getvalue())
                 written.append(out / "scan.csv")
             elif fmt == "parquet":
-                try:
-                    import pyarrow  # noqa: F401
-                except ImportError as e:
-                    raise InputError("parquet output needs pyarrow: pip install 'lorascope[parquet]'") from e
-                tmp = out / ".scan.parquet.tmp"
-                self.to_frame().to_parquet(tmp)
-                os.replace(tmp, out / "scan.parquet")
+                buf = io.BytesIO()
+                self.to_frame().to_parquet(buf)
+                atomic_write_bytes(out / "scan.parquet", buf.getvalue())
                 written.append(out / "scan.parquet")
-            else:
-                raise InputError(f"unknown output format '{fmt}' (json, csv, parquet)")
         return written
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:
-        version = str(d.get("schema_version", ""))
-        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise InputError(f"scan result has schema version '{version}', this lorascope reads {SCHEMA_VERSION}")
-        return cls(
-            settings=d["settings"],
-            matrices=[MatrixRecord(**m) for m in d["matrices"]],
-            versions=d.get("versions", {}),
-            unpaired=d.get("unpaired", {}),
-            timing=d.get("timing", {}),
-            command=d.get("command"),
-            created=d.get("created"),
-            schema_version=version,
-        )
+        return cls(**cls._envelope(d, lambda ms: [MatrixRecord(**m) for m in ms]))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScanResult:
@@ -165,6 +172,94 @@ class ScanResult:
             raise InputError(f"{p}: not a lorascope scan result ({e})") from e
 
 
+# -- mitigation (paper §5) -----------------------------------------------------------------------
+@dataclass
+class ScaledDirection:
+    """One rank-1 direction whose singular value was multiplied by λ."""
+
+    target: str  # "intruder": (σ_j, u_j, v_j) of W_t, Eq. (1); "neighbour": (σ⁰_i, x_i, y_i) of W_0, Eq. (2)
+    intruder_index: int  # j: rank of the intruder among the top-k of W_t (0-based)
+    intruder_max_cos: float  # max_i |cos(u_j, x_i)|
+    base_index: int  # i* = argmax_i |cos(u_j, x_i)|: the best-matching pre-trained vector (0-based)
+    sigma_before: float
+    sigma_after: float  # λ · sigma_before
+
+
+@dataclass
+class MatrixMitigation:
+    """Alg. 1 and the change made for one matrix (listed whether or not it changed)."""
+
+    name: str  # base tensor name
+    kind: str  # linear | conv1d | embedding
+    shape: list[int]  # [out, in]
+    source: str  # adapter module path, "saved:<name>" (modules_to_save) or the tuned tensor name
+    singular_values: list[float]  # σ_1..σ_k of W_t
+    max_cos: list[float]  # max_i |cos(u_j, x_i)|, j = 1..k
+    best_match: list[int]
+    n_intruders: int  # at (ε, k)
+    directions: list[ScaledDirection]  # empty: the matrix was left as it was
+    rank_before: int | None = None  # LoRA rank in the input adapter
+    rank_after: int | None = None  # LoRA rank in the output adapter
+    rel_error: float | None = None  # ‖W_written − W_t'‖_F / ‖W_t'‖_F, W_t' exact in float64
+    compress_rel_error: float | None = None  # ‖ΔW'_R − ΔW'‖_F / ‖ΔW'‖_F of the rank-R refactorisation
+
+
+@dataclass
+class MitigationResult(Result):
+    matrices: list[MatrixMitigation] = field(default_factory=list)
+    output: dict[str, Any] = field(default_factory=dict)  # path, format, files
+    result_kind: str = "mitigation"
+
+    def summary(self) -> dict[str, Any]:
+        errors = [m.rel_error for m in self.matrices if m.rel_error is not None]
+        return {
+            "n_matrices": len(self.matrices),
+            "n_changed": sum(1 for m in self.matrices if m.directions),
+            "n_directions": sum(len(m.directions) for m in self.matrices),
+            "n_intruders": sum(m.n_intruders for m in self.matrices),
+            "max_rel_error": max(errors, default=0.0),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._to_dict(output=self.output)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / "mitigation.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MitigationResult:
+        """Read a mitigation.json, or the one inside an output folder."""
+        p = Path(path)
+        p = p / "mitigation.json" if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+            def records(ms: list[dict[str, Any]]) -> list[MatrixMitigation]:
+                return [MatrixMitigation(**{**m, "directions": [ScaledDirection(**s) for s in m["directions"]]})
+                        for m in ms]
+
+            return cls(**cls._envelope(d, records), output=d.get("output", {}))
+        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+            raise InputError(f"{p}: not a lorascope mitigation result ({e})") from e
+
+
+def check_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Output formats of a scan ('json,csv' or a sequence), each one known, else an InputError."""
+    items = formats.split(",") if isinstance(formats, str) else formats
+    out = tuple(f.strip().lower() for f in items if f.strip())
+    for f in out:
+        if f not in OUTPUT_FORMATS:
+            raise InputError(f"--format: unknown output format '{f}' (choose from {', '.join(OUTPUT_FORMATS)})")
+    if "parquet" in out:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as e:
+            raise InputError("--format parquet needs pyarrow: pip install 'lorascope[parquet]'") from e
+    return out or ("json",)
+
+
+# -- derived views -------------------------------------------------------------------------------
 def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, Any]:
     """Model-level counts at (ε, k), plus the ε-curve at k and the k-curve at ε, per side."""
     out: dict[str, Any] = {"epsilon": epsilon, "k": k, "sides": {}}

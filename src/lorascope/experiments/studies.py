@@ -206,7 +206,7 @@ def execute(unit: dict[str, Any], root: str, threads: int | None = None) -> dict
     start = time.perf_counter()
     action = {"train": _run_train, "mitigate": _run_mitigate, "continual": _run_continual}[u.action]
     metrics, scan, paths = action(u, folder, store)
-    from lorascope.scan import library_versions
+    from lorascope.runtime import library_versions
 
     record = {
         "record_version": RECORD_VERSION,
@@ -244,7 +244,7 @@ def _clean(obj: Any) -> Any:
 
 def _scan(u: Unit, tuned: Path, folder: Path, device: str):
     """Alg. 1 of ``tuned`` against the pretrained base, saved as folder/scan.json."""
-    from lorascope.scan import scan
+    from lorascope.scanning.api import scan
 
     s = u.params["scan"]
     result = scan(u.params["base"], str(tuned), k=s["k"], epsilon=s["epsilon"], side=s["side"],
@@ -331,7 +331,7 @@ def _run_train(u: Unit, folder: Path, store: Store):
 def _run_mitigate(u: Unit, folder: Path, store: Store):
     """Scale by λ (Eq. 1) or the neighbour control (Eq. 2); a derived run folder makes the result loadable
     like any run (``run.json`` of the fine-tune, the new weights, its tokenizer)."""
-    from lorascope.mitigate import mitigate
+    from lorascope.mitigation.api import mitigate
     from lorascope.train import read_run
 
     source = store.unit_dir(u.deps[0]) / "run"

@@ -1,13 +1,13 @@
 """Watch intruder dimensions appear during training (paper §4, "intruders emerge during training").
 
 ``IntruderTracker`` scans the model being trained against its base every ``every`` steps with the
-same code as ``lorascope scan`` (``pair_matrices``, ``analyze_matrix`` through ``iter_scan``, and the
-scan's own base basis, ``lorascope.pipeline.default_basis``), so a tracked count equals a post-hoc scan
-of a checkpoint saved at that step. It is cheap because the base side never changes: the left
-singular vectors of every W_0 are computed once (float64 Gram route) and kept in memory, and the
-matrix pairing is done once. Each scan then costs one top-k of W_0 + ΔW per matrix,
-with ΔW = s·B A taken from the live LoRA factors (never multiplied out) or W_t − W_0 for full
-fine-tuning.
+same code as ``lorascope scan`` (``pair_matrices`` and the one scan loop,
+``scanning.engine.scan_records``, fed the model's live weights as an in-memory tensor source, with the
+scan's own base basis), so a tracked count equals a post-hoc scan of a checkpoint saved at that
+step. It is cheap because the base side never changes: the left singular vectors of every W_0 are
+computed once (float64 Gram route) and kept in memory, and the matrix pairing is done once. Each
+scan then costs one top-k of W_0 + ΔW per matrix, with ΔW = s·B A taken from the live LoRA factors
+(never multiplied out) or W_t − W_0 for full fine-tuning.
 
 Use it as a transformers ``TrainerCallback`` (``Trainer(..., callbacks=[tracker])``), in lorascope's
 own recipe (``lorascope.train.train(cfg, out, callbacks=[tracker])``), or from any loop by calling
@@ -26,57 +26,17 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorascope.errors import InputError, NonFiniteError
-from lorascope.io.adapters import FullCheckpoint, PeftAdapter, TunedSource
-from lorascope.io.checkpoint import Checkpoint
-from lorascope.pipeline import default_basis
-from lorascope.scan import MatrixPair, iter_scan, pair_matrices, resolve_device
+from lorascope.errors import InputError
+from lorascope.io.checkpoint import Checkpoint, MemoryCheckpoint
+from lorascope.io.tuned import FullCheckpoint, PeftAdapter, TunedSource
+from lorascope.runtime import resolve_device
+from lorascope.scanning.engine import default_basis, scan_records
+from lorascope.scanning.options import ScanOptions
+from lorascope.scanning.pairing import MatrixPair, pair_matrices
 from lorascope.schema import MatrixRecord, summarize
 from lorascope.spectral import SVD
 
 TRACKING_FILE = "tracking.jsonl"
-
-
-# -------------------------------------------------------------------------------- in-memory sources
-
-
-class MemoryCheckpoint:
-    """The part of ``Checkpoint``'s interface that the tuned sources use, over a state dict."""
-
-    def __init__(self, state: dict[str, torch.Tensor], root: str):
-        self._state = state
-        self.root = Path(root)
-        self.config: dict = {}
-
-    def keys(self) -> list[str]:
-        return list(self._state)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._state
-
-    def file_of(self, name: str) -> Path:
-        return self.root
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._state[name].shape)
-
-    def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
-        t = self._state[name].detach()
-        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"{self.root}: tensor '{name}' holds NaN or Inf values")
-        return t
-
-
-class MemoryAdapter(PeftAdapter):
-    """A PEFT adapter held in memory: the config and the state dict ``save_pretrained`` would write.
-    Pairing and ΔW (``pair``, ``delta``, DoRA through PEFT) are ``PeftAdapter``'s own."""
-
-    def __init__(self, config: dict[str, Any], state: dict[str, torch.Tensor]):
-        self.root = Path("<in-memory adapter>")
-        self.description = str(self.root)
-        self.config = config
-        self.weights = MemoryCheckpoint(state, str(self.root))
-        self._index()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -99,7 +59,7 @@ def model_source(model: torch.nn.Module, initial: dict[str, torch.Tensor] | None
         state = get_peft_model_state_dict(model, adapter_name=name)
         if initial is not None:
             state, config = unmutate_lora(state, initial, config)
-        return MemoryAdapter(config, state)
+        return PeftAdapter.from_state(config, state)
     return FullCheckpoint(MemoryCheckpoint(model.state_dict(), "<in-memory model>"))
 
 
@@ -120,8 +80,9 @@ def _mutating_init(model: torch.nn.Module) -> bool:
 class IntruderTracker(TrainerCallback):
     """Count intruder dimensions (Alg. 1) of the model in training against ``base`` every ``every`` steps.
 
-    ``base``: the pretrained checkpoint (folder, file or hub id). ``k``, ``epsilon``, ``modules``,
-    ``side``, ``dtype``: as in ``lorascope.scan``. ``log``: a ``tracking.jsonl`` to append to.
+    ``base``: the pretrained checkpoint (folder, file or hub id). ``options`` (or its keywords ``k``,
+    ``epsilon``, ``modules``, ``side``, ``embeddings``, ``device``, ``dtype``): as in ``lorascope.scan``.
+    ``log``: a ``tracking.jsonl`` to append to.
     ``tensorboard``: a log folder (used when TensorBoard is installed). ``unit``: labels stored with
     each line. ``history`` keeps ``(step, summary)`` of every scan; ``last`` the last per-matrix records.
     """
@@ -130,28 +91,20 @@ class IntruderTracker(TrainerCallback):
         self,
         base: str | os.PathLike,
         every: int = 50,
-        k: int = 10,
-        epsilon: float = 0.5,
-        modules: str | None = None,
-        side: str = "left",
-        embeddings: bool = False,
-        device: str = "auto",
-        dtype: str = "float32",
         log: str | os.PathLike | None = None,
         tensorboard: str | os.PathLike | None = None,
         unit: dict[str, Any] | None = None,
+        options: ScanOptions | None = None,
+        **scan_settings: Any,
     ):
         if every < 1:
             raise InputError(f"every must be a positive number of steps, got {every}")
-        sides = {"left": ("left",), "right": ("right",), "both": ("left", "right")}.get(side)
-        if sides is None:
-            raise InputError(f"side must be left, right or both, got '{side}'")
+        opts = options or ScanOptions()
+        self.options = opts.with_(**scan_settings) if scan_settings else opts
         self.base = Checkpoint(base)
-        self.every, self.k, self.epsilon = every, k, epsilon
-        self.modules, self.embeddings = modules, embeddings
-        self.sides = sides
-        self.device = resolve_device(device)
-        self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        self.every, self.k, self.epsilon = every, self.options.k, self.options.epsilon
+        self.device = resolve_device(self.options.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.options.dtype]
         self.log = Path(log) if log is not None else None
         self.unit = dict(unit or {})
         self.history: list[tuple[int, dict[str, Any]]] = []
@@ -175,10 +128,10 @@ class IntruderTracker(TrainerCallback):
         """Alg. 1 on every paired matrix of ``model``'s current weights."""
         source = model_source(model, self._initial)
         if self._pairs is None:
-            self._pairs, _ = pair_matrices(self.base, source, self.modules, self.embeddings)
+            self._pairs, _ = pair_matrices(self.base, source, self.options)
         records: list[MatrixRecord] = []
-        for recs in iter_scan(self.base, source, self._pairs, self.k, self.epsilon, self.sides, self.device,
-                              self.dtype, basis=self.basis):
+        for recs in scan_records(self.base, source, self._pairs, self.k, self.epsilon, self.options.sides,
+                                 self.device, self.dtype, basis=self.basis, streams=1):
             records.extend(recs)
         return records
 

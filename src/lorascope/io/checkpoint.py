@@ -16,6 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -47,8 +48,24 @@ def resolve_path(spec: str | os.PathLike, allow_patterns: list[str] | None = Non
     return local
 
 
+class TensorSource(Protocol):
+    """What the scan reads weights through: a checkpoint on disk or a model's live state dict."""
+
+    root: Path
+    config: dict
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def file_of(self, name: str) -> Path: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str, check_finite: bool = True) -> torch.Tensor: ...
+    def fresh(self, name: str) -> bool:
+        """Whether ``get`` returns a new tensor each call (the caller may then change it in place)."""
+        ...
+
+
 class Checkpoint:
-    """Read-only, lazy view of one checkpoint's tensors by name."""
+    """Read-only, lazy view of one checkpoint's tensors by name (a ``TensorSource``)."""
 
     def __init__(self, spec: str | os.PathLike):
         self.spec = str(spec)
@@ -83,10 +100,7 @@ class Checkpoint:
     def _index_file(self, f: Path) -> None:
         suffix = f.suffix
         if suffix == ".safetensors":
-            try:
-                handle = safe_open(str(f), framework="pt")
-            except Exception as e:
-                raise InputError(f"{f}: not a readable safetensors file ({e})") from e
+            handle = open_safetensors(f)
             self._handles[f] = handle
             for k in handle.keys():
                 self._where[k] = f
@@ -125,15 +139,71 @@ class Checkpoint:
             return tuple(self._handles[f].get_slice(name).get_shape())
         return tuple(self._state[name].shape)
 
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of a single safetensors file (kohya files keep their training notes there)."""
+        return dict(next(iter(self._handles.values())).metadata() or {}) if len(self._handles) == 1 else {}
+
+    def fresh(self, name: str) -> bool:
+        return self._where[name] in self._handles  # safetensors reads a new buffer; .bin/.gguf share theirs
+
     def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
-        """Load one tensor (a copy on CPU), raising NonFiniteError if it holds NaN or Inf."""
+        """Load one tensor (CPU), raising NonFiniteError if it holds NaN or Inf."""
         if name not in self._where:
             raise InputError(f"{self.root}: no tensor named '{name}'")
         f = self._where[name]
         t = self._handles[f].get_tensor(name) if f in self._handles else self._state[name]
-        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"{f}: tensor '{name}' holds NaN or Inf values")
+        if check_finite:
+            require_finite(t, f, name)
         return t
+
+
+class MemoryCheckpoint:
+    """A ``TensorSource`` over a state dict held in memory (a model in training)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], root: str):
+        self._state = state
+        self.root = Path(root)
+        self.config: dict = {}
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._state
+
+    def file_of(self, name: str) -> Path:
+        return self.root
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def fresh(self, name: str) -> bool:
+        return False  # the live parameter itself: never to be changed
+
+    def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
+        t = self._state[name].detach()
+        if check_finite:
+            require_finite(t, self.root, name)
+        return t
+
+
+def require_finite(t: torch.Tensor, file: Path | str, name: str) -> None:
+    """NonFiniteError naming the file and tensor when a float tensor holds NaN or Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{file}: tensor '{name}' holds NaN or Inf values")
+
+
+def open_safetensors(f: Path):
+    """safetensors' lazy reader over plain positioned reads (``backend="pread"``, safetensors ≥ 0.8):
+    no memory map, so a scan's resident memory stays near one matrix pair, not the file size. The
+    library checks the header and every tensor's byte range against the file when it opens."""
+    try:
+        try:
+            return safe_open(str(f), framework="pt", backend="pread")
+        except TypeError:  # safetensors < 0.8 has no backend argument: memory-mapped reads
+            return safe_open(str(f), framework="pt")
+    except Exception as e:
+        raise InputError(f"{f}: not a readable safetensors file ({e})") from e
 
 
 def _weight_files(root: Path) -> list[Path]:

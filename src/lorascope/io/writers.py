@@ -45,14 +45,33 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         os.replace(tmp, out)
 
 
+def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of the command's inputs (``inputs``:
+    what the user calls it → path), so that writing or ``--overwrite`` can never touch the user's data."""
+    o = Path(out).expanduser().resolve()
+    for role, p in inputs.items():
+        if p is None or str(p).startswith("<"):  # in-memory sources have no path
+            continue
+        p = Path(p).expanduser().resolve()
+        if o == p or o in p.parents or p in o.parents:
+            where = "is" if o == p else "contains" if o in p.parents else "lies inside"
+            raise InputError(f"--out {out} {where} the {role} input {p}; choose a folder outside the inputs")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename, so that readers never
+    see half a file and an interrupted write leaves ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:

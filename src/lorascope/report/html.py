@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import jinja2
 
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_write_text
+from lorascope.io.writers import atomic_write_bytes, atomic_write_text
 from lorascope.report import figures, tables
 from lorascope.report.loader import ReportData, load
 
@@ -166,18 +164,5 @@ def _save_figures(plots: list[figures.Plot], folder: Path) -> None:
     """NAME.png and NAME.svg for every figure, each written to a temporary file and renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     for p in plots:
-        _write_bytes(folder / f"{p.name}.png", p.png)
-        _write_bytes(folder / f"{p.name}.svg", p.svg.encode("utf-8"))
-
-
-def _write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        atomic_write_bytes(folder / f"{p.name}.png", p.png)
+        atomic_write_bytes(folder / f"{p.name}.svg", p.svg.encode("utf-8"))

@@ -49,7 +49,7 @@ class Run:
 
 @dataclass
 class Mitigation:
-    """A mitigation.json (``lorascope.mitigate.MitigationResult``): W_t' = W_t + (λ−1) Σ_{i∈I} σ_i u_i v_iᵀ,
+    """A mitigation.json (``lorascope.schema.MitigationResult``): W_t' = W_t + (λ−1) Σ_{i∈I} σ_i u_i v_iᵀ,
     flattened to one row per rescaled direction."""
 
     label: str
@@ -177,7 +177,7 @@ def _scan_run(path: Path, d: dict[str, Any], label: str) -> Run:
 
 
 def _mitigation(path: Path, label: str) -> Mitigation:
-    from lorascope.mitigate import MitigationResult  # imports torch: only when there is one to read
+    from lorascope.schema import MitigationResult
 
     res = MitigationResult.load(path)
     changes = [

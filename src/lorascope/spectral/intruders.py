@@ -7,8 +7,6 @@ y_j is an intruder dimension when that maximum is below ε.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -24,16 +22,10 @@ def max_abs_cos(Y: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return best.clamp_max(1.0), idx
 
 
-def count_intruders(max_cos: list[float] | torch.Tensor, epsilon: float, k: int | None = None) -> int:
-    """Alg. 1's count: how many of the first k similarities fall below ε."""
-    values = list(max_cos)[: (k if k is not None else len(max_cos))]
-    return sum(1 for c in values if c < epsilon)
-
-
 def null_max_cos(dim: int, n_basis: int, samples: int = 512, seed: int = 0) -> dict[str, float]:
     """Chance level: max |cos| of a uniformly random unit vector in R^dim against n_basis orthonormal
     vectors. The distribution is rotation invariant, so the projections are the first n_basis
-    coordinates of a random unit vector. Returns the mean and the 1st/99th percentiles.
+    coordinates of a random unit vector. Returns the mean and the 99th percentile (``q99``).
 
     When n_basis = dim every unit vector has max |cos| ≥ 1/√dim; a y_j whose similarity is near
     these values is as unlike the base as a random direction can be.
@@ -42,5 +34,4 @@ def null_max_cos(dim: int, n_basis: int, samples: int = 512, seed: int = 0) -> d
     z = torch.randn(samples, dim, generator=g, dtype=torch.float64)
     z = z / z.norm(dim=1, keepdim=True)
     m = z[:, :n_basis].abs().max(dim=1).values
-    q = torch.quantile(m, torch.tensor([0.01, 0.99], dtype=torch.float64))
-    return {"mean": float(m.mean()), "q01": float(q[0]), "q99": float(q[1]), "floor": 1 / math.sqrt(dim)}
+    return {"mean": float(m.mean()), "q99": float(torch.quantile(m, 0.99))}

@@ -27,7 +27,6 @@ import os
 import queue
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,10 +37,10 @@ import torch
 from safetensors.torch import save as st_save
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import Checkpoint
+from lorascope.io.checkpoint import TensorSource, open_safetensors
 from lorascope.io.layout import orient
-from lorascope.pipeline import gram_left_basis, read_safetensors
-from lorascope.spectral import SVD
+from lorascope.io.writers import atomic_write_bytes
+from lorascope.spectral import SVD, left_basis
 
 FORMAT = "1"  # bump when the stored maths or layout changes: old entries are then never matched
 DEFAULT_BUDGET = "20GB"
@@ -59,13 +58,12 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def tensor_digest(t: torch.Tensor, raw: memoryview | None = None) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (``raw``: the bytes as stored, when at hand)."""
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes as stored."""
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    if raw is None:
-        t = t.detach().contiguous().cpu()
-        raw = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
-    h.update(raw)  # hashlib releases the GIL for large buffers, so worker threads hash in parallel
+    t = t.detach().contiguous().cpu()
+    # hashlib releases the GIL for large buffers, so worker threads hash in parallel
+    h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b""))
     return h.hexdigest()
 
 
@@ -106,7 +104,7 @@ class BasisCache:
         self.stats = {"hits": 0, "misses": 0, "hashed": 0, "memo_hits": 0, "evicted": 0}
 
     # -- identity memo ---------------------------------------------------------------------
-    def digest(self, file: Path, tensor: str, t: torch.Tensor, raw: memoryview | None = None) -> str:
+    def digest(self, file: Path, tensor: str, t: torch.Tensor) -> str:
         """The content digest of ``tensor`` in ``file``, from the memo when path, size and mtime match."""
         st = os.stat(file)
         ident = (str(Path(file).resolve()), st.st_size, st.st_mtime_ns, tensor)
@@ -116,7 +114,7 @@ class BasisCache:
         if row:
             self.stats["memo_hits"] += 1
             return row[0]
-        d = tensor_digest(t, raw)
+        d = tensor_digest(t)
         self.stats["hashed"] += 1
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?)", (*ident, d))
@@ -130,16 +128,16 @@ class BasisCache:
     def _path(self, key: str) -> Path:
         return self.root / "bases" / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, shape: tuple[int, int], pin: bool = False) -> SVD | None:
+    def load(self, key: str, shape: tuple[int, int]) -> SVD | None:
         """The stored basis (U float16, S float64, on CPU) or None; a damaged entry counts as a miss."""
         path = self._path(key)
         m, n = shape
         try:
-            t = read_safetensors(path, pin)
-            U, S = t["U"], t["S"]
+            f = open_safetensors(path)
+            U, S = f.get_tensor("U"), f.get_tensor("S")
             if tuple(U.shape) != (m, min(m, n)) or tuple(S.shape) != (min(m, n),):
                 raise ValueError(f"stored shapes {tuple(U.shape)}, {tuple(S.shape)} do not fit {shape}")
-        except (OSError, KeyError, ValueError, InputError):
+        except Exception:  # unreadable, truncated or foreign: a miss, recomputed and rewritten
             self.stats["misses"] += 1
             return None
         with self._lock:
@@ -154,7 +152,7 @@ class BasisCache:
             return  # larger than the whole budget: not worth evicting everything for
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)", (key, len(data), time.time()))
         self.evict()
@@ -184,7 +182,7 @@ class BasisCache:
         hit = self.load(ekey, tuple(W.shape))
         if hit is not None:
             return SVD(U=hit.U.to(W.device, W.dtype), S=hit.S.to(W.device))
-        svd = gram_left_basis(W)
+        svd = left_basis(W)
         self.store(ekey, svd.U, svd.S)
         return svd
 
@@ -194,18 +192,6 @@ class BasisCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary sibling and a rename, so readers never see half an entry."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ScanHook:
@@ -220,15 +206,14 @@ class ScanHook:
         self._writer = threading.Thread(target=self._write_loop, name="lorascope-cache-writer", daemon=True)
         self._writer.start()
 
-    def prefetch(self, ckpt: Checkpoint, name: str, kind: str, W0: torch.Tensor,
-                 raw: memoryview | None) -> dict[str, Any]:
-        digest = self.cache.digest(ckpt.file_of(name), name, W0, raw)
+    def prefetch(self, ckpt: TensorSource, name: str, kind: str, W0: torch.Tensor) -> dict[str, Any]:
+        digest = self.cache.digest(ckpt.file_of(name), name, W0)
         m, n = orient(torch.empty(W0.shape, device="meta"), kind).shape
         out: dict[str, Any] = {"keys": {}, "hits": {}}
         for side in self.sides:
             key = self.cache.entry_key(digest, kind, side, self.dtype)
             out["keys"][side] = key
-            hit = self.cache.load(key, (m, n) if side == "left" else (n, m), pin=W0.is_pinned())
+            hit = self.cache.load(key, (m, n) if side == "left" else (n, m))
             if hit is not None:
                 out["hits"][side] = hit
         return out
@@ -241,7 +226,7 @@ class ScanHook:
             hit = extra.get("hits", {}).get(side)
             if hit is not None:
                 return SVD(U=hit.U.to(W.device, non_blocking=True).to(W.dtype), S=hit.S.to(W.device))
-            svd = gram_left_basis(W)
+            svd = left_basis(W)
             ekey = extra.get("keys", {}).get(side)
             if ekey is not None:
                 self._raise_writer_error()

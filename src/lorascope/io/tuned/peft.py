@@ -1,85 +1,21 @@
-"""Fine-tuned weights as updates of a base: full checkpoints and PEFT adapters behind one interface.
-
-A ``TunedSource`` lists the base weight names it changes and, given the base matrix, returns the
-update ΔW in the (out, in) layout of ``layout.orient``. Plain LoRA comes back as factors
-(``LowRankDelta``) and is never multiplied out; everything else is a dense ΔW for one matrix at a
-time. A new adapter format (kohya, diffusers) is one more class with these two methods.
-"""
+"""PEFT adapter folders: adapter_config.json plus adapter_model.safetensors (or .bin)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import torch
 
 from lorascope.errors import InputError, MismatchError
-from lorascope.io.checkpoint import Checkpoint, resolve_path
-from lorascope.io.kohya import KohyaLora, is_kohya
+from lorascope.io.checkpoint import Checkpoint, MemoryCheckpoint, TensorSource
 from lorascope.io.layout import align_names, orient, unorient
+from lorascope.io.tuned.base import Probe, replacement_delta
 from lorascope.spectral.operators import Delta, LowRankDelta
 
 _PEFT_PREFIX = "base_model.model."
-
-
-class TunedSource(Protocol):
-    description: str
-    kind: str  # "full" | "lora" | "peft"
-
-    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
-        """{base weight name: tuned reference} for every matrix this source changes."""
-        ...
-
-    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
-        """ΔW for one matrix, in (out, in) layout, given the oriented base matrix W0."""
-        ...
-
-
-def open_tuned(spec: str) -> TunedSource:
-    """A PEFT adapter folder (adapter_config.json), a kohya LoRA file, or a full checkpoint
-    (folder, file or hub id)."""
-    path = resolve_path(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return PeftAdapter(path)
-    ckpt = Checkpoint(path)
-    if is_kohya(ckpt):
-        return KohyaLora(path)
-    return FullCheckpoint(ckpt)
-
-
-class FullCheckpoint:
-    """A fully fine-tuned model: ΔW = W_t − W_0, dense."""
-
-    kind = "full"
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.description = str(ckpt.root)
-
-    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
-        tuned = [k for k in self.ckpt.keys() if len(self.ckpt.shape(k)) in (2, 4)]
-        mapping = align_names(base_kinds, tuned)
-        if not mapping:
-            raise MismatchError(
-                f"{self.ckpt.root} shares no weight matrix with {base.root}: is it a fine-tune of that base?"
-            )
-        return {b: t for t, b in mapping.items()}
-
-    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
-        return replacement_delta(self.ckpt, ref, W0, kind)
-
-
-def replacement_delta(ckpt: Checkpoint, name: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
-    """ΔW = W_t − W_0 for a tuned weight stored in full under ``name``."""
-    Wt = orient(ckpt.get(name), kind).to(W0.device, W0.dtype)
-    if Wt.shape != W0.shape:
-        raise MismatchError(
-            f"{ckpt.file_of(name)}: tensor '{name}' has shape {tuple(Wt.shape)} but the base "
-            f"matrix has {tuple(W0.shape)}"
-        )
-    return Wt - W0
 
 
 class PeftAdapter:
@@ -91,18 +27,37 @@ class PeftAdapter:
     rebuilt with the base weight, the adapter loaded into it and merged, and ΔW read back.
     """
 
+    format = "PEFT adapter"
     kind = "lora"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, config: dict[str, Any], weights: TensorSource):
         self.root = Path(root)
         self.description = str(self.root)
-        self.config: dict = json.loads((self.root / "adapter_config.json").read_text())
-        weights = [self.root / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
+        self.config = config
+        self.weights = weights
+        self.unpaired: list[str] = []
+        self._index()
+
+    @classmethod
+    def sniff(cls, probe: Probe) -> bool:
+        return probe.path.is_dir() and (probe.path / "adapter_config.json").is_file()
+
+    @classmethod
+    def open(cls, probe: Probe) -> PeftAdapter:
+        root = probe.path
+        config = json.loads((root / "adapter_config.json").read_text())
+        weights = [root / n for n in ("adapter_model.safetensors", "adapter_model.bin")]
         weights = [w for w in weights if w.is_file()]
         if not weights:
-            raise InputError(f"{self.root}: adapter_config.json but no adapter_model.safetensors or .bin")
-        self.weights = Checkpoint(weights[0])
-        self._index()
+            raise InputError(f"{root}: adapter_config.json but no adapter_model.safetensors or .bin")
+        return cls(root, config, Checkpoint(weights[0]))
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> PeftAdapter:
+        """An adapter held in memory: the config and state dict ``save_pretrained`` would write
+        (the training tracker's live LoRA factors)."""
+        root = "<in-memory adapter>"
+        return cls(Path(root), config, MemoryCheckpoint(state, root))
 
     def _index(self) -> None:
         """Read the tuner type from ``self.config`` and group ``self.weights``' keys by module."""
@@ -121,7 +76,7 @@ class PeftAdapter:
             else:
                 self._modules.setdefault(path, {})[role] = key
 
-    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+    def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]:
         wanted = {f"{p}.weight": p for p in self._modules}
         mapping = align_names(base.keys(), list(wanted) + list(self._saved))
         missing = [w for w in wanted if w not in mapping]
@@ -160,6 +115,11 @@ class PeftAdapter:
                 )
             return d
         return self._peft_delta(ref, W0, kind)
+
+    def factor_keys(self, module: str) -> tuple[str, str]:
+        """The tensor keys of a LoRA module's B and A factors."""
+        roles = self._modules[module]
+        return roles["B"], roles["A"]
 
     def scaling(self, module: str, r: int) -> float:
         """PEFT's scaling for ``module``: α/r, or α/√r with use_rslora; α from alpha_pattern if a

@@ -14,24 +14,23 @@ from pathlib import Path
 import torch
 
 from lorascope.errors import InputError, MismatchError
-from lorascope.io.checkpoint import Checkpoint
+from lorascope.io.checkpoint import Checkpoint, TensorSource
+from lorascope.io.tuned.base import Probe
 from lorascope.spectral.operators import Delta, LowRankDelta
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
-
-
-def is_kohya(ckpt: Checkpoint) -> bool:
-    return any(k.endswith(".lora_down.weight") for k in ckpt.keys())
 
 
 class KohyaLora:
     """A kohya LoRA file as a TunedSource. Modules of other components than the given base (e.g. the
     text encoder when the base is a UNet) are reported as unpaired, not scanned."""
 
+    format = "kohya LoRA"
     kind = "lora"
 
-    def __init__(self, path: Path):
-        self.weights = Checkpoint(path)
+    def __init__(self, path: Path, weights: Checkpoint):
+        self.root = path
+        self.weights = weights
         self.description = str(path)
         self.modules: dict[str, str] = {}  # kohya module name -> key stem
         other = [k for k in self.weights.keys() if not k.endswith((".lora_down.weight", ".lora_up.weight",
@@ -46,7 +45,15 @@ class KohyaLora:
                 self.modules[k[: -len(".lora_down.weight")]] = k[: -len(".lora_down.weight")]
         self.unpaired: list[str] = []
 
-    def pair(self, base: Checkpoint, base_kinds: dict[str, str]) -> dict[str, str]:
+    @classmethod
+    def sniff(cls, probe: Probe) -> bool:
+        return any(k.endswith(".lora_down.weight") for k in probe.ckpt.keys())
+
+    @classmethod
+    def open(cls, probe: Probe) -> KohyaLora:
+        return cls(probe.path, probe.ckpt)
+
+    def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]:
         flat = {name[: -len(".weight")].replace(".", "_"): name for name in base_kinds}
         out: dict[str, str] = {}
         for stem in self.modules:
@@ -61,6 +68,10 @@ class KohyaLora:
                 f"'{next(iter(self.modules))}') is a weight of {base.root}: wrong base or component?"
             )
         return out
+
+    def factor_keys(self, ref: str) -> tuple[str, str]:
+        """The tensor keys of a module's up (B) and down (A) factors."""
+        return f"{ref}.lora_up.weight", f"{ref}.lora_down.weight"
 
     def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
         down = self.weights.get(f"{ref}.lora_down.weight")

@@ -1,0 +1,66 @@
+"""The contract every tuned format keeps (``TunedSource``), and what the formats share."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from lorascope.errors import MismatchError
+from lorascope.io.checkpoint import Checkpoint, TensorSource
+from lorascope.io.layout import orient
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorascope.spectral.operators import Delta
+
+
+class Probe:
+    """What a format looks at to recognise an input: its path and, opened once on first use, the
+    checkpoint at that path (so no header is read twice)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @cached_property
+    def ckpt(self) -> Checkpoint:
+        return Checkpoint(self.path)
+
+
+class TunedSource(Protocol):
+    """Fine-tuned weights as updates of a base.
+
+    ``sniff`` says, cheaply, whether an input is in this format; ``open`` reads it. ``pair`` maps
+    every base matrix the source changes to the source's own reference for it, and ``delta`` returns
+    ΔW for one of them in the (out, in) layout of ``io.layout.orient``: factors (``LowRankDelta``)
+    when the format stores them, never multiplied out, otherwise a dense matrix for that one matrix.
+    Tensors of the source that pair with no base weight go in ``unpaired``, reported in the result.
+    """
+
+    format: ClassVar[str]  # the name in messages and docs/inputs.md
+    kind: str  # "full" (ΔW = W_t − W_0), "lora" (plain low-rank factors) or "peft" (PEFT's own merge)
+    description: str
+    root: Path  # the input, for the guard that no output is written into it
+    unpaired: list[str]
+
+    @classmethod
+    def sniff(cls, probe: Probe) -> bool: ...
+
+    @classmethod
+    def open(cls, probe: Probe) -> TunedSource: ...
+
+    def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]: ...
+
+    def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta: ...
+
+
+def replacement_delta(ckpt: TensorSource, name: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
+    """ΔW = W_t − W_0 for a tuned weight stored in full under ``name``."""
+    Wt = orient(ckpt.get(name), kind).to(W0.device, W0.dtype)
+    if Wt.shape != W0.shape:
+        raise MismatchError(
+            f"{ckpt.file_of(name)}: tensor '{name}' has shape {tuple(Wt.shape)} but the base "
+            f"matrix has {tuple(W0.shape)}"
+        )
+    return Wt - W0
