@@ -6,7 +6,7 @@ temporary folder, then runs ``lorascope scan BASE TUNED --device cpu`` in a chil
 reports its peak RSS: VmHWM of the child (the kernel's high-water mark of its address space) and
 the largest value psutil saw while polling. File-backed pages of memory-mapped weights count in RSS,
 which is why the scan reads without mmap; ``--compare-mmap`` also measures the plain streaming path
-(``lorascope.scan.iter_scan``, safetensors' mmap) on the first layers for contrast.
+(the same scan through safetensors' memory-mapped reader) on the first layers for contrast.
 
     python benchmarks/cpu_memory_bench.py --threads 2 [--layers 20] [--compare-mmap 4] [--out rss.json]
 """
@@ -31,14 +31,12 @@ import scan_bench  # noqa: E402
 
 SHAPE = dict(hidden=2048, intermediate=5632, layers=20, heads=16, kv_heads=16)
 MMAP_SCRIPT = """
-import sys, torch
-from lorascope.io.adapters import open_tuned
-from lorascope.io.checkpoint import Checkpoint
-from lorascope.scan import iter_scan, pair_matrices
-b, t = Checkpoint(sys.argv[1]), open_tuned(sys.argv[2])
-pairs, _ = pair_matrices(b, t, modules=sys.argv[3])
-for _ in iter_scan(b, t, pairs, 10, 0.5, ("left",), torch.device("cpu"), torch.float32):
-    pass
+import sys
+from safetensors import safe_open
+from lorascope.io import checkpoint
+checkpoint.open_safetensors = lambda f: safe_open(str(f), framework="pt")  # the memory-mapped reader
+from lorascope import scan
+scan(sys.argv[1], sys.argv[2], modules=sys.argv[3], device="cpu")
 """
 
 

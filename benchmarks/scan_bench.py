@@ -249,9 +249,9 @@ def stage_times(root: Path, cfg: dict, device: torch.device, reps: int = 3) -> d
     """Median seconds of each step of one matrix per distinct shape (layer 0): base basis (float64
     Gram eigh), top-k of W_t (block Krylov, LoRA and full), Alg. 1 end to end, and the two SVDs."""
     from lorascope.io.checkpoint import Checkpoint
-    from lorascope.pipeline import gram_left_basis
-    from lorascope.scan import analyze_matrix
+    from lorascope.scanning.analyze import analyze_matrix
     from lorascope.spectral import LowRankDelta, Tuned, top_k
+    from lorascope.spectral import left_basis as gram_left_basis
 
     def med(fn) -> float:
         fn()

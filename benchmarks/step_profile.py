@@ -53,9 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     from lorascope.io.checkpoint import Checkpoint
-    from lorascope.pipeline import gram_left_basis
-    from lorascope.scan import analyze_matrix
+    from lorascope.scanning.analyze import analyze_matrix
     from lorascope.spectral import SVD, LowRankDelta
+    from lorascope.spectral import left_basis as gram_left_basis
 
     for m in (args.hidden, args.intermediate):
         for lw in (42, 84):
