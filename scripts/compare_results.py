@@ -2,7 +2,7 @@
 
     python -m pytest -m "not slow" --basetemp=/tmp/before    # on the old commit
     python -m pytest -m "not slow" --basetemp=/tmp/after     # on the new one
-    python scripts/compare_results.py /tmp/before /tmp/after
+    python scripts/compare_results.py /tmp/before /tmp/after [ROOT_THE_FIRST_RUN_WAS_WRITTEN_UNDER]
 
 Files are paired by their path under the base folder (pytest names it after the test). Fields that
 record when, how fast or by which command a result was made (created, timing, command, versions,
@@ -64,13 +64,14 @@ def first_difference(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where}: {a!r} vs {b!r}"
 
 
-def main(before: str, after: str) -> int:
+def main(before: str, after: str, before_root: str | None = None) -> int:
+    """``before_root``: where the first run's files were written, when they have been moved since."""
     b, a = Path(before), Path(after)
     files = lambda root: {p.relative_to(root) for n in NAMES for p in root.rglob(n)}  # noqa: E731
     fb, fa = files(b), files(a)
     same, differ = 0, []
     for rel in sorted(fb & fa):
-        d = first_difference(read(b / rel, str(b.resolve())), read(a / rel, str(a.resolve())))
+        d = first_difference(read(b / rel, before_root or str(b.resolve())), read(a / rel, str(a.resolve())))
         if d:
             differ.append(f"{rel}{d}")
         else:
@@ -86,4 +87,4 @@ def main(before: str, after: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:4]))

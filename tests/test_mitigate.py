@@ -465,3 +465,79 @@ def test_minilm_adapter(tmp_path):
     peft = PeftModel.from_pretrained(BertModel.from_pretrained(path), tmp_path / "out")
     with torch.no_grad():
         assert torch.isfinite(peft(input_ids=torch.arange(1, 9)[None]).last_hidden_state).all()
+
+
+def _exact_edit(W0: torch.Tensor, Wt: torch.Tensor, lam: float, k: int = 4, eps: float = EPS):
+    """Eq. (1) with torch.linalg.svd in float64, every intruder of the top-k: (W_t', |I|)."""
+    U0 = torch.linalg.svd(W0.double(), full_matrices=False).U
+    U, S, Vh = torch.linalg.svd(Wt.double(), full_matrices=False)
+    cos = (U0.T @ U[:, :k]).abs().max(dim=0).values
+    chosen = [j for j in range(k) if cos[j] < eps]
+    edit = sum(((lam - 1) * S[j] * torch.outer(U[:, j], Vh[j]) for j in chosen), torch.zeros_like(Wt.double()))
+    return Wt.double() + edit, len(chosen)
+
+
+def _kohya_unet(tmp_path):
+    """A diffusion-style base (a Linear proj_in and a 3x3 conv) and a kohya LoRA (LoCon) on both, large
+    enough to plant intruders."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    base = {"down_blocks.0.attentions.0.proj_in.weight": decaying((24, 16), g).float(),
+            "down_blocks.0.resnets.0.conv1.weight": decaying((24, 72), g).float().reshape(24, 8, 3, 3),
+            "down_blocks.0.resnets.0.norm1.weight": torch.ones(8)}
+    (tmp_path / "unet").mkdir()
+    save_file(base, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    p, c = "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1"
+    lora = {f"{p}.lora_down.weight": torch.randn(2, 16, generator=g),
+            f"{p}.lora_up.weight": 3 * torch.randn(24, 2, generator=g),
+            f"{p}.alpha": torch.tensor(1.0),
+            f"{c}.lora_down.weight": torch.randn(2, 8, 3, 3, generator=g),
+            f"{c}.lora_up.weight": 3 * torch.randn(24, 2, 1, 1, generator=g)}
+    save_file(lora, str(tmp_path / "style.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    up, down = lora[f"{p}.lora_up.weight"], lora[f"{p}.lora_down.weight"]
+    deltas = {"down_blocks.0.attentions.0.proj_in.weight": 0.5 * up @ down,
+              "down_blocks.0.resnets.0.conv1.weight": lora[f"{c}.lora_up.weight"].reshape(24, 2)
+              @ lora[f"{c}.lora_down.weight"].reshape(2, -1)}
+    return base, deltas
+
+
+def test_kohya_adapter_mitigates_to_a_kohya_file_equal_to_the_exact_edit(tmp_path):
+    from safetensors.torch import load_file
+
+    base, deltas = _kohya_unet(tmp_path)
+    result = lorascope.mitigate(str(tmp_path / "unet"), str(tmp_path / "style.safetensors"), tmp_path / "out",
+                                lam=0.0, which="all", k=4)
+    assert result.output["format"] == "adapter" and result.output["files"] == ["style.safetensors"]
+    out = load_file(str(tmp_path / "out" / "style.safetensors"))
+    with safe_open(str(tmp_path / "out" / "style.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "networks.lora"  # the training notes travel
+    n_changed = 0
+    for name, d in deltas.items():
+        stem = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        W0 = base[name].reshape(24, -1).double()
+        exact, n = _exact_edit(W0, W0 + d.double(), lam=0.0)
+        up, down = out[f"{stem}.lora_up.weight"], out[f"{stem}.lora_down.weight"]
+        assert up.dim() == base[name].dim() and down.dim() == base[name].dim()  # conv factors stay 4-D
+        r = down.shape[0]
+        written = W0 + float(out[f"{stem}.alpha"]) / r * (up.reshape(24, r).double() @ down.reshape(r, -1).double())
+        assert (written - exact).norm() / exact.norm() < 1e-5, name
+        n_changed += n > 0
+    assert n_changed == 2  # both matrices had intruders to remove
+
+
+def test_conv2d_merged_output_equals_the_exact_edit(tmp_path):
+    from safetensors.torch import load_file
+
+    base, deltas = _kohya_unet(tmp_path)
+    lorascope.mitigate(str(tmp_path / "unet"), str(tmp_path / "style.safetensors"), tmp_path / "merged",
+                       lam=0.25, which="all", k=4, format="merged")
+    out = load_file(str(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"))
+    assert out["down_blocks.0.resnets.0.conv1.weight"].shape == (24, 8, 3, 3)
+    for name, d in deltas.items():
+        W0 = base[name].reshape(24, -1).double()
+        exact, n = _exact_edit(W0, W0 + d.double(), lam=0.25)
+        assert n > 0
+        got = out[name].reshape(24, -1).double()
+        assert (got - exact).norm() / exact.norm() < 1e-6, name
+    assert torch.equal(out["down_blocks.0.resnets.0.norm1.weight"], base["down_blocks.0.resnets.0.norm1.weight"])

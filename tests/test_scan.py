@@ -267,3 +267,54 @@ def test_kohya_lora_file_with_linear_and_conv(tmp_path):
     assert by_name(ra)[("down_blocks.0.resnets.0.conv1.weight", "left")].shape == [24, 72]
     assert ra.unpaired["not_in_base"] == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
     assert_same(ra, rm)
+
+
+def test_layout_that_cannot_be_determined_is_an_error_not_a_guess(tmp_path):
+    """A GPT-2 whose config transformers cannot build: its Conv1D weights would be read as Linear,
+    transposed, on the wrong side. That must be refused, naming the tensors and the reason."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    for name in ("base", "tuned"):
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            model.transformer.h[0].attn.c_attn.weight.add_(0.1)
+    for name in ("base", "tuned"):
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg["n_head"] = 5  # 32 is not a multiple of 5: the architecture cannot be instantiated
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"c_attn\.weight.*Conv1D.*cannot build model_type 'gpt2'"):
+        scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
+
+
+def test_names_guess_is_announced_when_the_architecture_fails(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+    model.save_pretrained(tmp_path / "tuned")
+    for name in ("base", "tuned"):
+        d = json.loads((tmp_path / name / "config.json").read_text())
+        d["num_attention_heads"] = 5
+        (tmp_path / name / "config.json").write_text(json.dumps(d))
+    from lorascope.io.layout import LayoutWarning
+
+    with pytest.warns(LayoutWarning, match=r"cannot build model_type 'llama'.*layouts of 9 matrices \('"):
+        result = scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
+    assert any(r.name.endswith("q_proj.weight") for r in result.matrices)
+
+
+def test_malformed_base_config_names_the_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "base" / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"base/config.json: not a readable JSON model config"):
+        scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
+    (tmp_path / "base" / "config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="must be a JSON object"):
+        scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")

@@ -93,7 +93,12 @@ class Checkpoint:
                 self._index_file(f)
             cfg = root / "config.json"
         if cfg.is_file():
-            self.config = json.loads(cfg.read_text())
+            try:
+                self.config = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputError(f"{cfg}: not a readable JSON model config ({e})") from e
+            if not isinstance(self.config, dict):
+                raise InputError(f"{cfg}: a model config must be a JSON object, got {type(self.config).__name__}")
         if not self._where:
             raise InputError(f"{root}: the weight files hold no tensors")
 

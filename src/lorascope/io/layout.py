@@ -13,13 +13,16 @@ Layouts ("kinds"):
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 
 import torch
 
-from lorascope.io.checkpoint import Checkpoint
+from lorascope.errors import InputError
+from lorascope.io.checkpoint import TensorSource
 
+_CONV1D_NAME = re.compile(r"(^|\.)(c_attn|c_fc|c_proj|q_attn)\.weight$")
 _EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type|shared)")
 
 
@@ -39,16 +42,21 @@ def unorient(W: torch.Tensor, kind: str, stored_shape: tuple[int, ...] | None = 
     return W if kind == "linear" else W.T
 
 
-def matrix_kinds(ckpt: Checkpoint) -> dict[str, str]:
-    """Map every 2-D weight of ``ckpt`` to its kind.
+def matrix_kinds(ckpt: TensorSource) -> dict[str, str]:
+    """Map every 2-D (and 4-D conv) weight of ``ckpt`` to its kind.
 
     The module classes come from instantiating the model's architecture on the meta device (no
-    memory, no weights, no remote code), so Conv1D and Embedding are known exactly; a checkpoint
-    whose architecture transformers does not know falls back to names (2-D ``*.weight`` tensors
-    are Linear unless the name says embedding).
+    memory, no weights, no remote code), so Conv1D and Embedding are known exactly. Without an
+    architecture transformers can build (no config.json, a diffusers config, an unknown or broken
+    ``model_type``) the kinds come from names and shapes: 4-D → Conv2d, 2-D → Linear unless the name
+    says embedding. That guess is refused where it could be wrong — GPT-2-style ``c_attn``/``c_fc``/
+    ``c_proj`` weights may be Conv1D (stored transposed) — and announced with a warning naming the
+    tensors when a ``model_type`` was given but could not be built.
     """
     names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) in (2, 4)]
-    by_module = _module_kinds(ckpt.config) if ckpt.config else {}
+    by_module, why = _module_kinds(ckpt.config) if ckpt.config else ({}, "no config.json beside the weights")
+    if not by_module:
+        _check_guess(ckpt, names, why)
     out: dict[str, str] = {}
     for name in names:
         kind = _lookup(by_module, name) if by_module else None
@@ -62,8 +70,32 @@ def matrix_kinds(ckpt: Checkpoint) -> dict[str, str]:
     return out
 
 
-def _module_kinds(config: dict) -> dict[str, str]:
-    """{parameter-name suffix: kind} from a meta-device instance of the architecture, or {}."""
+def _check_guess(ckpt: TensorSource, names: list[str], why: str) -> None:
+    """Refuse or announce a layout guessed from names (see ``matrix_kinds``)."""
+    ambiguous = [n for n in names if len(ckpt.shape(n)) == 2 and _CONV1D_NAME.search(n)]
+    if ambiguous:
+        raise InputError(
+            f"{ckpt.root}: cannot tell whether '{ambiguous[0]}' ({len(ambiguous)} such matrices) is a Linear or a "
+            f"GPT-2 Conv1D weight (stored transposed), because the architecture is unknown: {why}. Pass the model "
+            "folder with a config.json that transformers can build"
+        )
+    if ckpt.config.get("model_type"):
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"{ckpt.root}: {why}; the layouts of {len(names)} matrices ({shown}) are taken from their names and "
+            "shapes: Linear unless named like an embedding, 4-D as Conv2d", LayoutWarning, stacklevel=3,
+        )
+
+
+class LayoutWarning(UserWarning):
+    """Matrix layouts were guessed from tensor names because the architecture could not be built."""
+
+
+def _module_kinds(config: dict) -> tuple[dict[str, str], str]:
+    """({parameter-name suffix: kind} from a meta-device instance of the architecture, ""), or
+    ({}, why not)."""
+    if not config.get("model_type"):
+        return {}, "its config.json names no transformers model_type"
     try:
         import transformers
         from transformers.pytorch_utils import Conv1D
@@ -74,8 +106,9 @@ def _module_kinds(config: dict) -> dict[str, str]:
         model_cls = getattr(transformers, arch, None) if arch else None
         with torch.device("meta"):
             model = model_cls._from_config(cfg) if model_cls else transformers.AutoModel.from_config(cfg)
-    except Exception:  # unknown or custom architecture: fall back to names
-        return {}
+    except Exception as e:  # unknown, custom or broken architecture: names, checked by _check_guess
+        detail = " ".join(str(e).split())  # one line, however the library formats it
+        return {}, f"transformers cannot build model_type '{config.get('model_type')}' ({type(e).__name__}: {detail})"
     kinds: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, Conv1D):
@@ -101,7 +134,7 @@ def _module_kinds(config: dict) -> dict[str, str]:
             index.setdefault(suffix, kind)
     for s in clash:
         index.pop(s, None)
-    return index
+    return index, ""
 
 
 def _lookup(index: dict[str, str], name: str) -> str | None:
