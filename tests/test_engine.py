@@ -185,3 +185,58 @@ def test_concurrent_cuda_streams_give_the_same_records(llama_lora):
             assert a.max_cos == pytest.approx(b.max_cos, abs=1e-6) and a.best_match == b.best_match, a.name
             assert a.n_intruders == b.n_intruders and a.singular_values == pytest.approx(b.singular_values, rel=1e-6)
     assert any(routes) and not all(routes)  # both the exact and the Krylov route ran
+
+
+def test_many_adapters_of_one_base_give_each_its_own_scan(tmp_path, llama_lora):
+    """scan_many reads and decomposes each base matrix once, and every input gets the records that a
+    scan of it alone gives (adapters with different targets, a full fine-tune, in one batch)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from lorascope.scanning.api import scan_many
+
+    base, adapter, merged = llama_lora(merged=True)
+    torch.manual_seed(1)
+    other = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(
+        r=2, lora_alpha=8, init_lora_weights=False, target_modules=["k_proj", "v_proj"]))
+    other.save_pretrained(tmp_path / "other")
+    inputs = [str(adapter), str(tmp_path / "other"), str(merged)]
+    calls = []
+
+    def counting_basis(key, W):
+        calls.append(key)
+        return left_basis(W)
+
+    batch = scan_many(str(base), inputs, device="cpu", side="both", basis=counting_basis)
+    alone = [scan(str(base), t, device="cpu", side="both") for t in inputs]
+    for b, a in zip(batch, alone, strict=True):
+        assert [asdict(r) for r in b.matrices] == [asdict(r) for r in a.matrices]
+        assert b.unpaired == a.unpaired and b.settings == a.settings
+    assert len(calls) == len(set(calls))  # one decomposition per (base matrix, side)
+    assert {k.rsplit(":", 1)[0] for k in calls} == {r.name for r in batch[2].matrices}
+
+
+def test_cli_scans_a_folder_of_adapters(tmp_path, llama_lora):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    base, adapter, _ = llama_lora()
+    many = tmp_path / "adapters"
+    many.mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(adapter, many / name)
+    (many / "notes.txt").write_text("not an adapter")
+    run = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(many), "--device", "cpu",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    scans = [json.loads((tmp_path / "out" / n / "scan.json").read_text()) for n in ("a", "b")]
+    assert scans[0]["matrices"] == scans[1]["matrices"] and scans[0]["timing"]["scanned_together"] == 2
+    inside = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(adapter),
+                             "--out", str(adapter / "scan")], capture_output=True, text=True)
+    assert inside.returncode == 2 and "lies inside the tuned" in inside.stderr
+    assert not (adapter / "scan").exists()
+    nothing = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(tmp_path / "zz*")],
+                             capture_output=True, text=True)
+    assert nothing.returncode == 2 and "matches no file" in nothing.stderr

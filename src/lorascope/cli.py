@@ -24,8 +24,9 @@ def _root() -> None:
 @app.command()
 def scan(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
-    tuned: str = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder or kohya "
-                                "LoRA file."),
+    tuned: list[str] = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder or "
+                                      "kohya LoRA file; several, a folder of adapters or a quoted glob scan "
+                                      "each against one read of the base."),
     k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
     epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
     side: str = typer.Option(scan_default("side"), help="left (paper), right or both singular vectors."),
@@ -33,7 +34,8 @@ def scan(
     embeddings: bool = typer.Option(scan_default("embeddings"), help="Also scan embedding matrices."),
     device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
     dtype: str = typer.Option(scan_default("dtype"), help="float32 or float64 for the tuned decomposition."),
-    out: Path | None = typer.Option(None, help="Write OUT/scan.json (and other formats) here."),
+    out: Path | None = typer.Option(None, help="Write OUT/scan.json (and other formats) here; with several "
+                                    "inputs OUT/NAME/scan.json for each."),
     format: str = typer.Option("json", help="Comma-separated: json,csv,parquet."),
     cache_dir: Path | None = typer.Option(scan_default("cache_dir"), help="Keep base decompositions here for "
                                           "later scans."),
@@ -51,16 +53,54 @@ def scan(
     options = ScanOptions(k=k, epsilon=epsilon, side=side, modules=modules, embeddings=embeddings, device=device,
                           dtype=dtype, cache_dir=str(cache_dir) if cache_dir else None, cache_budget=cache_budget,
                           streams=streams)
+    from lorascope.io.tuned import expand_specs
+    from lorascope.io.writers import guard_output
     from lorascope.scanning import distributed
-    from lorascope.scanning.api import scan as run_scan
+    from lorascope.scanning.api import scan_many
 
-    result = run_scan(base, tuned, options, progress=distributed.is_main())
+    specs = expand_specs(tuned)
+    labels = _labels(specs)
+    if out is not None:
+        inputs = {f"tuned ({label})": spec for label, spec in zip(labels, specs, strict=True)}
+        guard_output(out, {"base": base, **inputs})
+    results = scan_many(base, specs, options, progress=distributed.is_main())
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
-    print_scan_summary(result)
+    if len(results) == 1:
+        print_scan_summary(results[0])
+    else:
+        print_batch_summary(results, labels)
     if out is not None:
-        written = result.save(out, formats)
-        console.print("wrote " + ", ".join(str(w) for w in written))
+        for label, result in zip(labels, results, strict=True):
+            written = result.save(out if len(results) == 1 else out / label, formats)
+            console.print("wrote " + ", ".join(str(w) for w in written))
+
+
+def _labels(specs: list[str]) -> list[str]:
+    """A folder name per input (the adapter's, or its run's when it is a run's adapter/), made unique."""
+    labels: list[str] = []
+    for spec in specs:
+        p = Path(spec.rstrip("/"))
+        name = p.parent.name if p.name in ("adapter", "model") and p.parent.name else p.stem or "tuned"
+        label, n = name, 2
+        while label in labels:
+            label, n = f"{name}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def print_batch_summary(results, labels: list[str]) -> None:
+    """One row per input of a batch scan."""
+    first = results[0].summary()
+    table = Table("input", "intruders", "matrices with", "mean erank ΔW",
+                  title=f"intruder dimensions (ε={first['epsilon']}, k={first['k']}, left side)")
+    for label, result in zip(labels, results, strict=True):
+        s = result.summary()["sides"]
+        s = s.get("left") or next(iter(s.values()))
+        table.add_row(label, str(s["n_intruders"]), f"{s['matrices_with_intruders']}/{s['n_matrices']}",
+                      f"{s['mean_delta_effective_rank']:.2f}")
+    console.print(table)
+    console.print(f"scanned {len(results)} inputs in {results[0].timing.get('seconds')} s")
 
 
 def print_scan_summary(result) -> None:
@@ -307,7 +347,10 @@ def main() -> None:
     try:
         app()
     except LorascopeError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        from rich.markup import escape
+
+        # soft_wrap: no line breaks inside paths; escape: brackets in a message (lorascope[ray]) are text
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

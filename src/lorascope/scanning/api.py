@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from lorascope.errors import InputError
 from lorascope.scanning.analyze import BasisFn
 from lorascope.scanning.options import ScanOptions
 from lorascope.schema import MatrixRecord, ScanResult
@@ -37,6 +38,21 @@ def scan(
     Under torchrun the matrices are split over the ranks. Returns a ``ScanResult``;
     ``result.save(dir)`` writes scan.json.
     """
+    return scan_many(base, [tuned], options, progress=progress, basis=basis, **settings)[0]
+
+
+def scan_many(
+    base: str,
+    tuned: list[str],
+    options: ScanOptions | None = None,
+    *,
+    progress: bool = False,
+    basis: BasisFn | None = None,
+    **settings: Any,
+) -> list[ScanResult]:
+    """``scan`` of several fine-tunes or adapters of one base at once: each base matrix is read and
+    decomposed once, whatever the number of inputs, and each input gets the ``ScanResult`` (the
+    same records) that ``scan`` of it alone gives. Arguments as in ``scan``."""
     import torch  # here, not at module level: `import lorascope` stays light
 
     from lorascope.io.checkpoint import Checkpoint
@@ -44,39 +60,45 @@ def scan(
     from lorascope.runtime import library_versions, resolve_device
     from lorascope.scanning import distributed
     from lorascope.scanning.cache import BasisCache
-    from lorascope.scanning.engine import scan_records
+    from lorascope.scanning.engine import jobs_of, scan_jobs
     from lorascope.scanning.pairing import pair_matrices
 
     opts = (options or ScanOptions()).with_(**settings) if settings else (options or ScanOptions())
+    if not tuned:
+        raise InputError("no fine-tune or adapter to scan")
     dtype = {"float32": torch.float32, "float64": torch.float64}[opts.dtype]
     dev = distributed.setup(resolve_device(opts.device))
     t0 = time.perf_counter()
     base_ckpt = Checkpoint(base)
-    tuned_src = open_tuned(tuned)
-    pairs, unpaired = pair_matrices(base_ckpt, tuned_src, opts)
+    sources = [open_tuned(t) for t in tuned]
+    paired = [pair_matrices(base_ckpt, src, opts) for src in sources]
+    jobs = jobs_of(base_ckpt, [pairs for pairs, _ in paired])
     cache = BasisCache(opts.cache_dir, opts.cache_budget) if opts.cache_dir and basis is None else None
-    share = distributed.share(pairs, base_ckpt)
-    records: list[MatrixRecord] = []
-    stream = scan_records(base_ckpt, tuned_src, share, opts.k, opts.epsilon, opts.sides, dev, dtype, basis, cache,
-                          streams=opts.streams)
+    share = distributed.share(jobs, base_ckpt)
+    records: list[list[MatrixRecord]] = [[] for _ in sources]
+    stream = scan_jobs(base_ckpt, sources, share, opts.k, opts.epsilon, opts.sides, dev, dtype, basis, cache,
+                       streams=opts.streams)
     if progress:
         from rich.progress import track
 
         stream = track(stream, total=len(share), description="scanning matrices", transient=True)
-    for recs in stream:
-        records.extend(recs)
-    records = distributed.gather(records, pairs)
-    settings_out = dict(
-        base=str(base), tuned=str(tuned), tuned_kind=tuned_src.kind, k=opts.k, epsilon=opts.epsilon,
-        side=opts.side, modules=opts.modules, embeddings=opts.embeddings, device=str(dev), dtype=opts.dtype,
-        base_basis_dtype="float64",
-    )
-    return ScanResult(
-        settings=settings_out,
-        matrices=records,
-        versions=library_versions(),
-        unpaired=unpaired,
-        timing={"seconds": round(time.perf_counter() - t0, 3), "n_matrices": len(pairs)},
-        command=" ".join(sys.argv) if sys.argv and "lorascope" in sys.argv[0] else None,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    for results in stream:
+        for i, recs in results:
+            records[i].extend(recs)
+    seconds = round(time.perf_counter() - t0, 3)
+    versions = library_versions()
+    command = " ".join(sys.argv) if sys.argv and "lorascope" in sys.argv[0] else None
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    out = []
+    for spec, src, (pairs, unpaired), recs in zip(tuned, sources, paired, records, strict=True):
+        settings_out = dict(
+            base=str(base), tuned=str(spec), tuned_kind=src.kind, k=opts.k, epsilon=opts.epsilon, side=opts.side,
+            modules=opts.modules, embeddings=opts.embeddings, device=str(dev), dtype=opts.dtype,
+            base_basis_dtype="float64",
+        )
+        timing: dict[str, Any] = {"seconds": seconds, "n_matrices": len(pairs)}
+        if len(sources) > 1:
+            timing["scanned_together"] = len(sources)  # seconds: the whole batch's
+        out.append(ScanResult(settings=settings_out, matrices=distributed.gather(recs, pairs), versions=versions,
+                              unpaired=unpaired, timing=timing, command=command, created=created))
+    return out

@@ -53,15 +53,23 @@ def default_basis(key: str, W: torch.Tensor) -> SVD:
 
 # -- prefetching -------------------------------------------------------------------------------
 @dataclass
-class Loaded:
-    """One pair's inputs, produced by a worker thread (on a GPU run already copied to the device)."""
+class Job:
+    """One base matrix and every tuned source that changes it (one source in a plain scan)."""
 
-    pair: MatrixPair
+    name: str  # base tensor name
+    kind: str
+    refs: list[tuple[int, str]]  # (source index, that source's reference for the matrix)
+
+
+@dataclass
+class Loaded:
+    """One job's inputs, produced by a worker thread (on a GPU run already copied to the device)."""
+
+    job: Job
     W0: torch.Tensor  # stored layout and dtype
     base_file: Path | str
-    Wt: torch.Tensor | None = None  # a full fine-tune's tuned weight, stored layout
-    tuned_file: Path | str = ""
-    wt_owned: bool = False  # Wt is a buffer of ours (not a checkpoint's tensor): free to overwrite
+    Wt: dict[int, torch.Tensor] = field(default_factory=dict)  # full fine-tunes' tuned weights, stored layout
+    wt_owned: dict[int, bool] = field(default_factory=dict)  # a buffer of ours, free to overwrite
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. cached bases, for the basis hook
     ready: Any = None  # a CUDA event recorded after the copies to the device
 
@@ -85,33 +93,35 @@ def prefetch(items: Iterable[Any], load: Callable[[Any], Any], workers: int, dep
 
 # -- the scan loop -----------------------------------------------------------------------------
 class PairLoader:
-    """Reads a pair's base matrix (a full fine-tune's tuned matrix, cached bases) in a worker thread.
+    """Reads a job's base matrix (full fine-tunes' tuned matrices, cached bases) in a worker thread.
 
     On a GPU the tensors are copied to the device right here, on a copy stream, so transfers overlap
-    the arithmetic of the previous pair; ``Loaded.ready`` marks their completion.
+    the arithmetic of the previous job; ``Loaded.ready`` marks their completion.
     """
 
-    def __init__(self, base: TensorSource, tuned: TunedSource, device: torch.device, cache_hook=None):
+    def __init__(self, base: TensorSource, sources: list[TunedSource], device: torch.device, cache_hook=None):
         self.base = base
-        self.tuned = tuned.ckpt if tuned.kind == "full" else None  # a full fine-tune: read W_t here too
+        self.sources = sources
         self.cache_hook = cache_hook
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def __call__(self, pair: MatrixPair) -> Loaded:
-        W0 = self.base.get(pair.name, check_finite=False)
-        item = Loaded(pair, W0, self.base.file_of(pair.name))
+    def __call__(self, job: Job) -> Loaded:
+        W0 = self.base.get(job.name, check_finite=False)
+        item = Loaded(job, W0, self.base.file_of(job.name))
         if self.cache_hook is not None:
-            item.extra = self.cache_hook.prefetch(self.base, pair.name, pair.kind, W0)
-        if self.tuned is not None:
-            item.Wt = self.tuned.get(pair.ref, check_finite=False)
-            item.tuned_file = self.tuned.file_of(pair.ref)
-            # in place only on a copy of ours: never on a live model's weights or a mapped .bin
-            item.wt_owned = self.tuned.fresh(pair.ref) or (self.copy_stream is not None and not item.Wt.is_cuda)
+            item.extra = self.cache_hook.prefetch(self.base, job.name, job.kind, W0)
+        for i, ref in job.refs:
+            src = self.sources[i]
+            if src.kind == "full":  # read W_t here too, ahead of the arithmetic
+                Wt = src.ckpt.get(ref, check_finite=False)
+                item.Wt[i] = Wt
+                # in place only on a copy of ours: never on a live model's weights or a mapped .bin
+                item.wt_owned[i] = src.ckpt.fresh(ref) or (self.copy_stream is not None and not Wt.is_cuda)
         if self.copy_stream is not None:
             with torch.cuda.stream(self.copy_stream):
                 item.W0 = item.W0.to(self.device, non_blocking=True)
-                item.Wt = None if item.Wt is None else item.Wt.to(self.device, non_blocking=True)
+                item.Wt = {i: t.to(self.device, non_blocking=True) for i, t in item.Wt.items()}
                 hits = item.extra.get("hits", {})
                 for side, h in hits.items():
                     hits[side] = SVD(U=h.U.to(self.device, non_blocking=True), S=h.S.to(self.device, non_blocking=True))
@@ -121,15 +131,102 @@ class PairLoader:
 
 
 def _adopt(item: Loaded) -> None:
-    """Make the compute stream wait for the pair's copies, and tell the allocator that it uses them."""
+    """Make the compute stream wait for the job's copies, and tell the allocator that it uses them."""
     if item.ready is None:
         return
     stream = torch.cuda.current_stream()
     stream.wait_event(item.ready)
-    tensors = [item.W0, item.Wt] + [t for h in item.extra.get("hits", {}).values() for t in (h.U, h.S)]
+    tensors = [item.W0, *item.Wt.values()] + [t for h in item.extra.get("hits", {}).values() for t in (h.U, h.S)]
     for t in tensors:
-        if t is not None and t.is_cuda:
+        if t.is_cuda:
             t.record_stream(stream)
+
+
+def jobs_of(base: TensorSource, pairings: list[list[MatrixPair]]) -> list[Job]:
+    """The union of several sources' pairs, one job per base matrix, in the base checkpoint's order."""
+    jobs: dict[str, Job] = {}
+    for i, pairs in enumerate(pairings):
+        for p in pairs:
+            jobs.setdefault(p.name, Job(p.name, p.kind, [])).refs.append((i, p.ref))
+    order = {n: j for j, n in enumerate(base.keys())}
+    return sorted(jobs.values(), key=lambda job: order.get(job.name, len(order)))
+
+
+def scan_jobs(
+    base: TensorSource,
+    sources: list[TunedSource],
+    jobs: list[Job],
+    k: int,
+    epsilon: float,
+    sides: tuple[str, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    basis: BasisFn | None = None,
+    cache: BasisCache | None = None,
+    workers: int | None = None,
+    depth: int | None = None,
+    streams: int | None = None,
+) -> Iterator[list[tuple[int, list[MatrixRecord]]]]:
+    """Alg. 1 on every job, in order: per job, ``(source index, records)`` for each source changing it.
+
+    The base matrix is read, and its basis computed (or looked up), once per job, however many
+    sources change it: scanning N adapters of one base costs one first scan plus N top-k's per
+    matrix. Each (source, matrix) gets exactly the records a scan of that source alone gives.
+
+    Reads run ``depth`` jobs ahead (default 2·streams on a GPU, 2 on the CPU, where each pending job
+    costs resident memory) on ``workers`` threads. ``basis`` (a caller's hook) wins over ``cache``;
+    without either, ``left_basis``.
+
+    ``streams`` jobs are analysed at once, each in its own thread (and CUDA stream); the default is
+    ``default_streams``. One thread cannot keep a GPU busy: Alg. 1 on one pair is hundreds of small
+    operations and several waits for their results (docs/performance.md). torch releases the GIL
+    while it launches kernels and while it waits, so with a few threads the GPU always has work,
+    e.g. the Krylov steps of some pairs run while another pair's base ``eigh`` does. Each pair's
+    arithmetic is unchanged, so the records do not depend on ``streams``.
+    """
+    hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
+    loader = PairLoader(base, sources, device, cache_hook=hook)
+    streams = streams or default_streams(base, jobs, device, dtype)
+    depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
+    workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
+    own_streams = streams > 1 and device.type == "cuda"
+    local = threading.local()
+
+    def analyze(item: Loaded) -> list[tuple[int, list[MatrixRecord]]]:
+        if own_streams and not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(local.stream) if own_streams else contextlib.nullcontext():
+            _adopt(item)
+            job = item.job
+            W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), job.kind)
+            require_finite(W0, item.base_file, job.name)
+            basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
+            bases: dict[str, SVD] = {}
+
+            def basis_once(key: str, W: torch.Tensor) -> SVD:  # one decomposition per side, for every source
+                if key not in bases:
+                    bases[key] = basis_fn(key, W)
+                return bases[key]
+
+            out = []
+            for i, ref in job.refs:
+                delta = _delta(item, i, sources[i], ref, W0, device, dtype)
+                out.append((i, analyze_matrix(job.name, job.kind, W0, delta, k, epsilon, sides, basis_once)))
+            return out
+
+    if own_streams:
+        # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
+        # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
+        torch.linalg.eigvalsh(torch.eye(2, device=device))
+    try:
+        loaded = prefetch(jobs, loader, workers, depth)
+        if streams == 1:
+            yield from map(analyze, loaded)
+        else:
+            yield from prefetch(loaded, analyze, streams, streams)
+    finally:
+        if hook is not None:
+            hook.close()
 
 
 def scan_records(
@@ -143,68 +240,25 @@ def scan_records(
     dtype: torch.dtype,
     basis: BasisFn | None = None,
     cache: BasisCache | None = None,
-    workers: int | None = None,
-    depth: int | None = None,
-    streams: int | None = None,
+    **engine: Any,
 ) -> Iterator[list[MatrixRecord]]:
-    """Alg. 1 on every pair, in order, one list of records (one per side) per pair.
-
-    Reads run ``depth`` pairs ahead (default 2·streams on
-    a GPU, 2 on the CPU, where each pending pair costs resident memory) on ``workers`` threads.
-    ``basis`` (a caller's hook) wins over ``cache``; without either, ``left_basis``.
-
-    ``streams`` pairs are analysed at once, each in its own thread (and CUDA stream); the default is
-    ``default_streams``. One thread cannot keep a GPU busy: Alg. 1 on one pair is hundreds of small
-    operations and several waits for their results (docs/performance.md). torch releases the GIL
-    while it launches kernels and while it waits, so with a few threads the GPU always has work,
-    e.g. the Krylov steps of some pairs run while another pair's base ``eigh`` does. Each pair's
-    arithmetic is unchanged, so the records do not depend on ``streams``.
-    """
-    hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
-    loader = PairLoader(base, tuned, device, cache_hook=hook)
-    streams = streams or default_streams(base, pairs, device, dtype)
-    depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
-    workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
-    own_streams = streams > 1 and device.type == "cuda"
-    local = threading.local()
-
-    def analyze(item: Loaded) -> list[MatrixRecord]:
-        if own_streams and not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(local.stream) if own_streams else contextlib.nullcontext():
-            _adopt(item)
-            p = item.pair
-            W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), p.kind)
-            require_finite(W0, item.base_file, p.name)
-            delta = _delta(item, tuned, W0, device, dtype)
-            basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
-            return analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
-
-    if own_streams:
-        # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
-        # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
-        torch.linalg.eigvalsh(torch.eye(2, device=device))
-    try:
-        loaded = prefetch(pairs, loader, workers, depth)
-        if streams == 1:
-            yield from map(analyze, loaded)
-        else:
-            yield from prefetch(loaded, analyze, streams, streams)
-    finally:
-        if hook is not None:
-            hook.close()
+    """Alg. 1 on every pair of one source, in order, one list of records (one per side) per pair:
+    ``scan_jobs`` with a single source (``engine``: its workers, depth and streams)."""
+    jobs = [Job(p.name, p.kind, [(0, p.ref)]) for p in pairs]
+    for results in scan_jobs(base, [tuned], jobs, k, epsilon, sides, device, dtype, basis, cache, **engine):
+        yield results[0][1]
 
 
-def default_streams(base: TensorSource, pairs: list[MatrixPair], device: torch.device, dtype: torch.dtype) -> int:
+def default_streams(base: TensorSource, jobs: list, device: torch.device, dtype: torch.dtype) -> int:
     """1 on the CPU (the arithmetic already uses every core). On a GPU 8, or as many as fit in half
     its free memory when each holds the largest pair's working set: W_0, ΔW or W_t and temporaries
     (about 6 matrices in ``dtype``), and the float64 Gram matrix, its eigenvectors and ``eigh``'s
     workspace (about 3 Gram-sized float64 matrices)."""
-    if device.type != "cuda" or not pairs:
+    if device.type != "cuda" or not jobs:
         return 1
     itemsize = torch.empty(0, dtype=dtype).element_size()
     need = 0
-    for p in pairs:
+    for p in jobs:
         shape = base.shape(p.name)
         mn = math.prod(shape)
         r = min(shape[0], mn // shape[0]) if shape[0] else 0
@@ -213,18 +267,20 @@ def default_streams(base: TensorSource, pairs: list[MatrixPair], device: torch.d
     return max(1, min(8, free // 2 // max(need, 1)))
 
 
-def _delta(item: Loaded, tuned: TunedSource, W0: torch.Tensor, device: torch.device,
+def _delta(item: Loaded, i: int, tuned: TunedSource, ref: str, W0: torch.Tensor, device: torch.device,
            dtype: torch.dtype) -> Delta:
-    p = item.pair
-    if item.Wt is None:
-        return delta_to(tuned.delta(p.ref, W0, p.kind), device, dtype)
-    Wt = orient(item.Wt.to(device, non_blocking=True).to(dtype), p.kind)
+    """ΔW of source ``i`` for the job's matrix: its own delta, or W_t − W_0 for a full fine-tune."""
+    job = item.job
+    if i not in item.Wt:
+        return delta_to(tuned.delta(ref, W0, job.kind), device, dtype)
+    stored = item.Wt[i]
+    Wt = orient(stored.to(device, non_blocking=True).to(dtype), job.kind)
+    file = tuned.ckpt.file_of(ref)
     if Wt.shape != W0.shape:
         raise MismatchError(
-            f"{item.tuned_file}: tensor '{p.ref}' has shape {tuple(Wt.shape)} but the base matrix has "
-            f"{tuple(W0.shape)}"
+            f"{file}: tensor '{ref}' has shape {tuple(Wt.shape)} but the base matrix has {tuple(W0.shape)}"
         )
-    require_finite(Wt, item.tuned_file, p.ref)
-    if item.wt_owned or Wt.data_ptr() != item.Wt.data_ptr():
+    require_finite(Wt, file, ref)
+    if item.wt_owned[i] or Wt.data_ptr() != stored.data_ptr():
         return Wt.sub_(W0)  # in place: saves one matrix of memory
     return Wt - W0  # Wt is the checkpoint's own tensor (e.g. a memory-mapped .bin): leave it alone

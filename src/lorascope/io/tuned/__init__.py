@@ -8,8 +8,11 @@ Adding a format is one new module here plus one line in ``FORMATS``.
 
 from __future__ import annotations
 
+import glob
 import os
+from pathlib import Path
 
+from lorascope.errors import InputError
 from lorascope.io.checkpoint import resolve_path
 from lorascope.io.tuned.base import Probe, TunedSource, replacement_delta
 from lorascope.io.tuned.full import FullCheckpoint
@@ -23,6 +26,34 @@ FORMATS: list[type[TunedSource]] = [
 ]
 
 
+def expand_specs(specs: list[str]) -> list[str]:
+    """The inputs a user means by ``specs``: each path as it is, a quoted glob (``'adapters/*'``) as its
+    matches, and a folder that holds no weights of its own but adapter or run sub-folders as those
+    sub-folders (sorted), so that ``lorascope scan BASE my-adapters/`` scans each of them."""
+    out: list[str] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if not path.exists() and any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(str(path)))
+            if not matches:
+                raise InputError(f"{spec}: the pattern matches no file or folder")
+            out += matches
+        elif path.is_dir() and not _is_input(path) and any(filter(_is_input, path.iterdir())):
+            out += [str(c) for c in sorted(filter(_is_input, path.iterdir()))]
+        else:
+            out.append(spec)
+    return out
+
+
+def _is_input(path: Path) -> bool:
+    """A folder that is one input itself: an adapter, a run folder or a model (weights at its top)."""
+    if not path.is_dir():
+        return False
+    markers = ("adapter_config.json", "run.json", "model_index.json")
+    weights = ("*.safetensors", "*.bin", "*.gguf", "*.safetensors.index.json")
+    return any((path / m).is_file() for m in markers) or any(any(path.glob(w)) for w in weights)
+
+
 def open_tuned(spec: str | os.PathLike) -> TunedSource:
     """The tuned side of a scan or mitigation: a local path or a hub id, in any registered format."""
     probe = Probe(resolve_path(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
@@ -32,5 +63,5 @@ def open_tuned(spec: str | os.PathLike) -> TunedSource:
     raise AssertionError("FullCheckpoint accepts every input")  # unreachable: the last format sniffs True
 
 
-__all__ = ["FORMATS", "FullCheckpoint", "KohyaLora", "PeftAdapter", "Probe", "TunedSource", "open_tuned",
-           "replacement_delta"]
+__all__ = ["FORMATS", "FullCheckpoint", "KohyaLora", "PeftAdapter", "Probe", "TunedSource", "expand_specs",
+           "open_tuned", "replacement_delta"]
