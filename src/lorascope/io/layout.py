@@ -54,20 +54,34 @@ def matrix_kinds(ckpt: TensorSource) -> dict[str, str]:
     tensors when a ``model_type`` was given but could not be built.
     """
     names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) in (2, 4)]
+    rule = NAME_RULES.get(ckpt.config.get("model_type", ""))
+    if rule is not None:  # a known architecture: its names say it all, no need to import transformers
+        return {n: _by_name(n, len(ckpt.shape(n)), conv1d=rule == "gpt2") for n in names}
     by_module, why = _module_kinds(ckpt.config) if ckpt.config else ({}, "no config.json beside the weights")
     if not by_module:
         _check_guess(ckpt, names, why)
-    out: dict[str, str] = {}
-    for name in names:
-        kind = _lookup(by_module, name) if by_module else None
-        if kind is None and not by_module:
-            if len(ckpt.shape(name)) == 4:
-                kind = "conv2d"
-            else:
-                kind = "embedding" if _EMBEDDING_NAME.search(name) else "linear"
-        if kind is not None:
-            out[name] = kind
-    return out
+        return {n: _by_name(n, len(ckpt.shape(n))) for n in names}
+    return {n: kind for n in names if (kind := _lookup(by_module, n)) is not None}
+
+
+# Architectures whose layouts follow from tensor names alone ("linear": every 2-D weight is a Linear
+# but the embeddings, named so; "gpt2": c_attn/c_fc/c_proj are Conv1D as well). Building the model
+# on the meta device would import transformers' modelling code, seconds of every scan's start-up.
+# tests/test_layout.py checks each entry against the meta-device model.
+NAME_RULES = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                     "olmo2", "granite", "bert", "roberta", "xlm-roberta", "distilbert", "gpt_neox", "opt"),
+                    "linear"),
+    **dict.fromkeys(("gpt2",), "gpt2"),
+}
+
+
+def _by_name(name: str, ndim: int, conv1d: bool = False) -> str:
+    if ndim == 4:
+        return "conv2d"
+    if conv1d and _CONV1D_NAME.search(name):
+        return "conv1d"
+    return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
 
 
 def _check_guess(ckpt: TensorSource, names: list[str], why: str) -> None:
