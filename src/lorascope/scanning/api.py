@@ -60,7 +60,7 @@ def scan_many(
     from lorascope.runtime import library_versions, resolve_device
     from lorascope.scanning import distributed
     from lorascope.scanning.cache import BasisCache
-    from lorascope.scanning.engine import jobs_of, scan_jobs
+    from lorascope.scanning.engine import jobs_of, scan_jobs, warm_up
     from lorascope.scanning.pairing import pair_matrices
 
     opts = (options or ScanOptions()).with_(**settings) if settings else (options or ScanOptions())
@@ -69,12 +69,15 @@ def scan_many(
     dtype = {"float32": torch.float32, "float64": torch.float64}[opts.dtype]
     dev = distributed.setup(resolve_device(opts.device))
     t0 = time.perf_counter()
+    warming = warm_up(dev)  # overlaps the opening and pairing below
     base_ckpt = Checkpoint(base)
     sources = [open_tuned(t) for t in tuned]
     paired = [pair_matrices(base_ckpt, src, opts) for src in sources]
     jobs = jobs_of(base_ckpt, [pairs for pairs, _ in paired])
     cache = BasisCache(opts.cache_dir, opts.cache_budget) if opts.cache_dir and basis is None else None
     share = distributed.share(jobs, base_ckpt)
+    if warming is not None:
+        warming.join()
     records: list[list[MatrixRecord]] = [[] for _ in sources]
     stream = scan_jobs(base_ckpt, sources, share, opts.k, opts.epsilon, opts.sides, dev, dtype, basis, cache,
                        streams=opts.streams)

@@ -142,6 +142,24 @@ def _adopt(item: Loaded) -> None:
             t.record_stream(stream)
 
 
+def warm_up(device: torch.device) -> threading.Thread | None:
+    """Start the CUDA context and load cuBLAS and cuSOLVER in a background thread (seconds in a new
+    process), while the caller opens checkpoints and pairs matrices; join it before ``scan_jobs``.
+    Only this thread makes torch's first linalg call, which must not run in two threads at once."""
+    if device.type != "cuda":
+        return None
+
+    def work() -> None:
+        x = torch.randn(64, 32, device=device, dtype=torch.float64)
+        torch.linalg.eigh(x.T @ x)
+        torch.linalg.qr(x.float())
+        torch.cuda.synchronize(device)
+
+    thread = threading.Thread(target=work, name="lorascope-cuda-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def jobs_of(base: TensorSource, pairings: list[list[MatrixPair]]) -> list[Job]:
     """The union of several sources' pairs, one job per base matrix, in the base checkpoint's order."""
     jobs: dict[str, Job] = {}
