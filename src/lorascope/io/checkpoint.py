@@ -7,7 +7,7 @@ Formats, in order of preference:
 - ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (any ``*.safetensors`` index);
 - ``pytorch_model.bin`` / sharded ``.bin``, loaded with ``torch.load(weights_only=True, mmap=True)``;
 - a single ``.safetensors`` or ``.bin``/``.pt`` file;
-- a ``.gguf`` file, dequantised through transformers (small models only: it is not streamed).
+- a ``.gguf`` file, dequantised one tensor at a time by the ``gguf`` package (``io/gguf.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -72,6 +72,7 @@ class Checkpoint:
         self.root = resolve_path(spec)
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._handles: dict[Path, object] = {}
+        self._gguf: dict[Path, Any] = {}  # GGUF files (io.gguf.GGUFFile)
         self._state: dict[str, torch.Tensor] | None = None  # for formats that cannot be read lazily
         self.config: dict = {}
         self._index()
@@ -121,9 +122,11 @@ class Checkpoint:
             for k in sd:
                 self._where[k] = f
         elif suffix == ".gguf":
-            for k, v in _load_gguf(f).items():
-                self._state = self._state or {}
-                self._state[k] = v
+            from lorascope.io.gguf import GGUFFile
+
+            self._gguf[f] = handle = GGUFFile(f)
+            self.config = handle.config  # a config.json beside the file, read after this, wins
+            for k in handle.names():
                 self._where[k] = f
         else:
             raise InputError(f"{f}: unknown weight format '{suffix}' (expected .safetensors, .bin or .gguf)")
@@ -142,6 +145,8 @@ class Checkpoint:
         f = self._where[name]
         if f in self._handles:
             return tuple(self._handles[f].get_slice(name).get_shape())
+        if f in self._gguf:
+            return self._gguf[f].shape(name)
         return tuple(self._state[name].shape)
 
     def metadata(self) -> dict[str, str]:
@@ -149,14 +154,20 @@ class Checkpoint:
         return dict(next(iter(self._handles.values())).metadata() or {}) if len(self._handles) == 1 else {}
 
     def fresh(self, name: str) -> bool:
-        return self._where[name] in self._handles  # safetensors reads a new buffer; .bin/.gguf share theirs
+        f = self._where[name]
+        return f in self._handles or f in self._gguf  # safetensors and GGUF read a new buffer; .bin shares its own
 
     def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
         """Load one tensor (CPU), raising NonFiniteError if it holds NaN or Inf."""
         if name not in self._where:
             raise InputError(f"{self.root}: no tensor named '{name}'")
         f = self._where[name]
-        t = self._handles[f].get_tensor(name) if f in self._handles else self._state[name]
+        if f in self._handles:
+            t = self._handles[f].get_tensor(name)
+        elif f in self._gguf:
+            t = self._gguf[f].get(name)
+        else:
+            t = self._state[name]
         if check_finite:
             require_finite(t, f, name)
         return t
@@ -226,14 +237,3 @@ def _weight_files(root: Path) -> list[Path]:
         if found:
             return found[:1] if pattern.endswith(".gguf") else found
     return []
-
-
-def _load_gguf(f: Path) -> dict[str, torch.Tensor]:
-    """Dequantise a GGUF file into HF tensor names through transformers (needs the gguf package)."""
-    try:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
-    except Exception as e:
-        raise InputError(f"{f}: cannot be dequantised by transformers (is `gguf` installed?): {e}") from e
-    return {k: v.detach() for k, v in model.state_dict().items()}

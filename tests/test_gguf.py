@@ -1,0 +1,89 @@
+"""GGUF bases read one tensor at a time (io/gguf.py) equal transformers' whole-file load, tensor for tensor."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from lorascope.io.checkpoint import Checkpoint  # noqa: E402
+
+
+def write_tiny_llama(path: Path, qtype=None) -> None:
+    """A 2-layer LLaMA in GGUF, as llama.cpp lays it out (names blk.N.*, Q8_0 matrices)."""
+    qtype = qtype or gguf.GGMLQuantizationType.Q8_0
+    h, f, layers, heads, kv, vocab = 64, 96, 2, 4, 2, 128
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(h // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    g = np.random.default_rng(0)
+
+    def add(name, shape, quant=True):
+        x = g.standard_normal(shape).astype(np.float32) * 0.05
+        if quant:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, x)
+
+    add("token_embd.weight", (vocab, h))
+    add("output_norm.weight", (h,), quant=False)
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", (h,), quant=False)
+        add(f"blk.{i}.ffn_norm.weight", (h,), quant=False)
+        for name, shape in (("attn_q", (h, h)), ("attn_k", (kv * h // heads, h)), ("attn_v", (kv * h // heads, h)),
+                            ("attn_output", (h, h)), ("ffn_gate", (f, h)), ("ffn_up", (f, h)), ("ffn_down", (h, f))):
+            add(f"blk.{i}.{name}.weight", shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_tensors_equal_transformers_whole_file_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny.Q8_0.gguf"
+    write_tiny_llama(path)
+    ckpt = Checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    ref = model.state_dict()
+    assert ckpt.config["model_type"] == "llama" and ckpt.config["num_key_value_heads"] == 2
+    names = ckpt.keys()
+    assert "model.layers.1.self_attn.k_proj.weight" in names and len(names) == 2 + 2 * 9
+    for name in names:
+        got = ckpt.get(name)
+        assert got.dtype == torch.float32 and torch.equal(got, ref[name]), name
+        assert ckpt.shape(name) == tuple(ref[name].shape) and ckpt.fresh(name)
+
+
+def test_scan_of_a_gguf_base_reads_no_whole_model(tmp_path, monkeypatch):
+    """The scan never calls from_pretrained for a GGUF base: one tensor at a time."""
+    import transformers
+
+    from lorascope import scan
+
+    path = tmp_path / "tiny.Q8_0.gguf"
+    write_tiny_llama(path)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("whole-model load")))
+    result = scan(str(path), str(path), device="cpu", k=4)
+    assert len(result.matrices) == 14 and all(r.n_intruders == 0 for r in result.matrices)
+    assert all(max(r.max_cos) <= 1 and min(r.max_cos) > 0.999 for r in result.matrices)
+
+
+def test_not_a_gguf_file_names_the_file(tmp_path):
+    from lorascope.errors import InputError
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 40)
+    with pytest.raises(InputError, match="bad.gguf: not a readable GGUF file"):
+        Checkpoint(bad)
