@@ -318,3 +318,19 @@ def test_malformed_base_config_names_the_file(tmp_path, capsys):
     (tmp_path / "base" / "config.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="must be a JSON object"):
         scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
+
+
+def test_a_stored_result_is_validated_when_read_back(tmp_path):
+    """A NaN max-cos would count as a non-intruder (NaN < ε is false), a string as nothing sensible:
+    a scan.json holding either is refused with the file and field named, never read."""
+    base, adapter, _ = make_pair(tmp_path, "llama")
+    scan(str(base), str(adapter), k=4).save(tmp_path / "s")
+    good = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert ScanResult.load(tmp_path / "s").matrices[0].max_cos == good["matrices"][0]["max_cos"]
+    for field, value, message in (("max_cos", [float("nan")] * 4, "finite number"), ("max_cos", "0.3", "valid array"),
+                                  ("n_intruders", "2", "valid integer")):
+        bad = json.loads(json.dumps(good))
+        bad["matrices"][1][field] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=rf"bad.json: .*matrix 1 .*'{field}.*{message}"):
+            ScanResult.load(tmp_path / "bad.json")

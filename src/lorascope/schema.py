@@ -22,12 +22,16 @@ from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_w
 
 SCHEMA_VERSION = "1.0"
 OUTPUT_FORMATS = ("json", "csv", "parquet")
+# How pydantic reads records back (``validated``): exact types, no NaN or infinity.
+_STRICT = {"strict": True, "allow_inf_nan": False, "extra": "ignore"}  # ignore: a newer minor version reads
 EPSILON_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 … 0.95
 
 
 @dataclass
 class MatrixRecord:
     """Alg. 1 for one matrix W (out × in) and one side (left: output space, right: input space)."""
+
+    __pydantic_config__ = _STRICT
 
     name: str  # base checkpoint tensor name
     kind: str  # linear | conv1d | embedding
@@ -158,7 +162,7 @@ class ScanResult(Result):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:
-        return cls(**cls._envelope(d, lambda ms: [MatrixRecord(**m) for m in ms]))
+        return cls(**cls._envelope(d, lambda ms: [validated(MatrixRecord, m, i) for i, m in enumerate(ms)]))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScanResult:
@@ -167,8 +171,8 @@ class ScanResult(Result):
         if p.is_dir():
             p = p / "scan.json"
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, InputError) as e:
             raise InputError(f"{p}: not a lorascope scan result ({e})") from e
 
 
@@ -176,6 +180,8 @@ class ScanResult(Result):
 @dataclass
 class ScaledDirection:
     """One rank-1 direction whose singular value was multiplied by λ."""
+
+    __pydantic_config__ = _STRICT
 
     target: str  # "intruder": (σ_j, u_j, v_j) of W_t, Eq. (1); "neighbour": (σ⁰_i, x_i, y_i) of W_0, Eq. (2)
     intruder_index: int  # j: rank of the intruder among the top-k of W_t (0-based)
@@ -188,6 +194,8 @@ class ScaledDirection:
 @dataclass
 class MatrixMitigation:
     """Alg. 1 and the change made for one matrix (listed whether or not it changed)."""
+
+    __pydantic_config__ = _STRICT
 
     name: str  # base tensor name
     kind: str  # linear | conv1d | embedding
@@ -236,12 +244,31 @@ class MitigationResult(Result):
         try:
             d = json.loads(p.read_text())
             def records(ms: list[dict[str, Any]]) -> list[MatrixMitigation]:
-                return [MatrixMitigation(**{**m, "directions": [ScaledDirection(**s) for s in m["directions"]]})
-                        for m in ms]
+                return [validated(MatrixMitigation, m, i) for i, m in enumerate(ms)]
 
             return cls(**cls._envelope(d, records), output=d.get("output", {}))
         except (OSError, ValueError, KeyError, TypeError, InputError) as e:
             raise InputError(f"{p}: not a lorascope mitigation result ({e})") from e
+
+
+def validated(cls: type, record: Any, index: int) -> Any:
+    """A record read back from a file, with every field of the type the dataclass declares (a string
+    is not a number, a missing field is an error) and every number finite: a NaN max-cos would count
+    as a non-intruder (NaN < ε is false), so a file that holds one is refused, not read."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        adapter = _ADAPTERS.get(cls) or _ADAPTERS.setdefault(cls, TypeAdapter(cls))
+        # JSON mode: strict types yet an object may stand for the dataclass, as it does in the file
+        return adapter.validate_json(json.dumps(record), strict=True)
+    except ValidationError as e:
+        where = record.get("name", "?") if isinstance(record, dict) else "?"
+        first = e.errors()[0]
+        field_ = ".".join(str(x) for x in first["loc"])
+        raise InputError(f"matrix {index} ('{where}'): field '{field_}': {first['msg']}") from None
+
+
+_ADAPTERS: dict[type, Any] = {}
 
 
 def check_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -170,7 +170,7 @@ def _load_file(data: ReportData, path: Path, label: str) -> None:
 def _scan_run(path: Path, d: dict[str, Any], label: str) -> Run:
     try:
         result = ScanResult.from_dict(d)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError, InputError) as e:
         raise InputError(f"{path}: not a lorascope scan result ({e})") from e
     # The summary is re-counted from the stored max-cos values (schema.summarize), not read back.
     return Run(label=label, summary=result.summary(), result=result, source=str(path))
