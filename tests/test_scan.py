@@ -278,12 +278,18 @@ def test_layout_that_cannot_be_determined_is_an_error_not_a_guess(tmp_path):
         model.save_pretrained(tmp_path / name)
         with torch.no_grad():
             model.transformer.h[0].attn.c_attn.weight.add_(0.1)
-    for name in ("base", "tuned"):
+    for name in ("base", "tuned"):  # a remote-code variant transformers does not know
         cfg = json.loads((tmp_path / name / "config.json").read_text())
-        cfg["n_head"] = 5  # 32 is not a multiple of 5: the architecture cannot be instantiated
+        cfg.update(model_type="my-gpt", architectures=["MyGPT"], auto_map={"AutoModel": "modeling.MyGPT"})
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match=r"c_attn\.weight.*Conv1D.*cannot build model_type 'gpt2'"):
+    with pytest.raises(InputError, match=r"c_attn\.weight.*Conv1D.*cannot build model_type 'my-gpt'"):
         scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
+    for name in ("base", "tuned"):  # GPT-2 itself, even with a config it cannot build: layouts by name
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_head=5)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    kinds = {r.name: r.kind for r in scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu").matrices}
+    assert kinds["transformer.h.0.attn.c_attn.weight"] == "conv1d"
 
 
 def test_names_guess_is_announced_when_the_architecture_fails(tmp_path):
@@ -295,13 +301,13 @@ def test_names_guess_is_announced_when_the_architecture_fails(tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.add_(0.1)
     model.save_pretrained(tmp_path / "tuned")
-    for name in ("base", "tuned"):
+    for name in ("base", "tuned"):  # an architecture transformers does not know (remote code)
         d = json.loads((tmp_path / name / "config.json").read_text())
-        d["num_attention_heads"] = 5
+        d.update(model_type="my-llama", architectures=["MyLlama"])
         (tmp_path / name / "config.json").write_text(json.dumps(d))
     from lorascope.io.layout import LayoutWarning
 
-    with pytest.warns(LayoutWarning, match=r"cannot build model_type 'llama'.*layouts of 9 matrices \('"):
+    with pytest.warns(LayoutWarning, match=r"cannot build model_type 'my-llama'.*layouts of 9 matrices \('"):
         result = scan(str(tmp_path / "base"), str(tmp_path / "tuned"), device="cpu")
     assert any(r.name.endswith("q_proj.weight") for r in result.matrices)
 
@@ -334,3 +340,69 @@ def test_a_stored_result_is_validated_when_read_back(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(InputError, match=rf"bad.json: .*matrix 1 .*'{field}.*{message}"):
             ScanResult.load(tmp_path / "bad.json")
+
+
+def test_bad_weights_and_paths_are_clear_errors(tmp_path):
+    """Quantised or integer weights, a vector in place of a matrix, a legacy .bin, dangling links and
+    missing local paths: each an error naming the culprit (or, for the legacy .bin, read as it is)."""
+    base, _, _ = make_pair(tmp_path, "llama")
+    sd = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    (tmp_path / "int8").mkdir()
+    save_file({**sd, name: sd[name].to(torch.int8)}, str(tmp_path / "int8" / "model.safetensors"))
+    with pytest.raises(InputError, match=rf"tensor '{name}' holds int8 values"):
+        scan(str(base), str(tmp_path / "int8"), device="cpu")
+    (tmp_path / "vec").mkdir()
+    save_file({**sd, name: sd[name][0].contiguous()}, str(tmp_path / "vec" / "model.safetensors"))
+    with pytest.raises(MismatchError, match=rf"tensor '{name}' has shape \[\d+\] where the base matrix"):
+        scan(str(base), str(tmp_path / "vec"), device="cpu")
+    (tmp_path / "q").mkdir()
+    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
+    cfg = json.loads((base / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(InputError, match=r"quantised \(gptq\)"):
+        scan(str(tmp_path / "q"), str(base), device="cpu")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(sd, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (legacy / "config.json").write_text((base / "config.json").read_text())
+    assert len(scan(str(base), str(legacy), device="cpu").matrices) > 0  # read without mmap
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(InputError, match="symbolic link to nothing"):
+        scan(str(base), str(loop), device="cpu")
+    (tmp_path / "runs").mkdir()
+    os.chdir(tmp_path)
+    with pytest.raises(InputError, match="runs/missing: no such file or folder"):
+        scan(str(base), "runs/missing", device="cpu")
+
+
+def test_outputs_that_cannot_be_written_are_clear_errors(tmp_path):
+    from lorascope.io.writers import atomic_dir, atomic_write_text
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        with atomic_dir(tmp_path / "file", overwrite=True):
+            pass
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:  # a full disk, as the OS reports it mid-write
+        mp.setattr(os, "replace", full_disk)
+        with pytest.raises(InputError, match=r"x.json: cannot write \(No space left on device\)"):
+            atomic_write_text(tmp_path / "x.json", "{}")
+        with pytest.raises(InputError, match=r"out2: cannot write \(No space left on device\)"):
+            with atomic_dir(tmp_path / "out2") as tmp:
+                (tmp / "a").write_text("a")
+    assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".x.json*"))
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2.tmp-*"))
+    # a folder abandoned by a dead process is removed by the next write of the same output
+    dead = tmp_path / ".out.tmp-999999999-abc"
+    dead.mkdir()
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
+    live.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert not dead.exists() and live.exists() and (tmp_path / "out" / "a").is_file()

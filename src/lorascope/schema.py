@@ -137,7 +137,12 @@ class ScanResult(Result):
         """Write ``scan.json`` (always) and ``scan.csv`` / ``scan.parquet`` on request, atomically."""
         formats = check_formats(formats)
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file, not a folder; choose another --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
         written = [out / "scan.json"]
         atomic_write_json(written[0], self.to_dict())
         for fmt in formats:

@@ -32,8 +32,12 @@ def resolve_path(spec: str | os.PathLike, allow_patterns: list[str] | None = Non
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    if path.is_symlink():
+        raise InputError(f"{spec}: a symbolic link to nothing (its target is missing, or it points to itself)")
     text = str(spec)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text):
+    local_looking = text.startswith((".", "/", "~")) or text.count("/") > 1 or not _HUB_ID.match(text)
+    if local_looking or (text.count("/") == 1 and Path(text.split("/")[0]).is_dir()):
+        # `runs/r8` where runs/ is a local folder is a missing path, not a hub repository to download
         raise InputError(f"{spec}: no such file or folder")
     from huggingface_hub import snapshot_download
 
@@ -100,6 +104,14 @@ class Checkpoint:
                 raise InputError(f"{cfg}: not a readable JSON model config ({e})") from e
             if not isinstance(self.config, dict):
                 raise InputError(f"{cfg}: a model config must be a JSON object, got {type(self.config).__name__}")
+            quant = self.config.get("quantization_config")
+            if isinstance(quant, dict):
+                method = quant.get("quant_method") or ("bitsandbytes" if "load_in_4bit" in quant else "unknown")
+                raise InputError(
+                    f"{cfg}: the weights are quantised ({method}); lorascope compares real-valued weights, so "
+                    "dequantise the model with its own library first (e.g. transformers' model.dequantize()) "
+                    "or pass the unquantised checkpoint"
+                )
         if not self._where:
             raise InputError(f"{root}: the weight files hold no tensors")
 
@@ -111,10 +123,7 @@ class Checkpoint:
             for k in handle.keys():
                 self._where[k] = f
         elif suffix in {".bin", ".pt", ".pth"}:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise InputError(f"{f}: cannot be read with torch.load(weights_only=True): {e}") from e
+            sd = _torch_load(f)
             if not isinstance(sd, dict):
                 raise InputError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
             sd = sd.get("state_dict", sd)
@@ -203,10 +212,33 @@ class MemoryCheckpoint:
         return t
 
 
+def require_real(t: torch.Tensor, file: Path | str, name: str) -> None:
+    """An InputError naming the tensor when a weight matrix is stored as integers or booleans: the
+    packed weights of a quantised checkpoint (GPTQ, AWQ, bitsandbytes) are not its values."""
+    if not t.is_floating_point():
+        raise InputError(
+            f"{file}: tensor '{name}' holds {str(t.dtype).replace('torch.', '')} values, not real-valued weights: "
+            "a quantised checkpoint must be dequantised with its own library first (GGUF files are read as they are)"
+        )
+
+
 def require_finite(t: torch.Tensor, file: Path | str, name: str) -> None:
     """NonFiniteError naming the file and tensor when a float tensor holds NaN or Inf."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{file}: tensor '{name}' holds NaN or Inf values")
+
+
+def _torch_load(f: Path) -> Any:
+    """A pickled checkpoint through ``torch.load(weights_only=True)`` (no code runs): memory-mapped when
+    it is a zip archive (torch ≥ 1.6), read whole when it is the legacy format, which cannot be mapped."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = e
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{f}: cannot be read with torch.load(weights_only=True): {e or first}") from e
 
 
 def open_safetensors(f: Path):

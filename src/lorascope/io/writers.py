@@ -28,21 +28,71 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder; choose another --out")
+    with _os_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out)
+        # the pid in the name lets a later run tell an abandoned folder from one being written
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
-        yield tmp
+        with _os_errors(out):
+            yield tmp
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)  # the user's folder goes back where it was
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    """A failed write (read-only folder, full disk, a file in the way) is the user's to fix: an
+    InputError naming the path and the reason, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from e
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete the temporary siblings (``.OUT.tmp-PID-…``, ``.OUT.old-PID``) that an interrupted run of
+    a process no longer alive left behind; those of a live process are being written and stay."""
+    for p in out.parent.glob(f".{glob_escape(out.name)}.*-*"):
+        rest = p.name[len(out.name) + 2:]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
@@ -67,17 +117,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename, so that readers never
     see half a file and an interrupted write leaves ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file; choose another output path")
+    with _os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def _umask() -> int:

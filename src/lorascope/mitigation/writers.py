@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import Checkpoint
+from lorascope.io.checkpoint import Checkpoint, require_real
 from lorascope.io.layout import matrix_kinds, orient, unorient
 from lorascope.io.tuned import KohyaLora, PeftAdapter, TunedSource
 from lorascope.io.writers import atomic_write_json
@@ -47,6 +47,7 @@ class Run:
         self, pair: MatrixPair, W0_stored: torch.Tensor, check_k: bool = True
     ) -> tuple[torch.Tensor, Any]:
         """(W_0, ΔW) in (out, in) layout, float64 on the compute device."""
+        require_real(W0_stored, self.base.file_of(pair.name), pair.name)
         W0 = orient(W0_stored, pair.kind).to(self.device, torch.float64)
         m, n = W0.shape
         if check_k and self.k > min(m, n):

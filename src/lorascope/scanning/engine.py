@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorascope.errors import MismatchError
-from lorascope.io.checkpoint import require_finite
+from lorascope.io.checkpoint import require_finite, require_real
 from lorascope.io.layout import orient
 from lorascope.scanning.analyze import BasisFn, analyze_matrix
 from lorascope.scanning.pairing import MatrixPair
@@ -216,6 +216,7 @@ def scan_jobs(
         with torch.cuda.stream(local.stream) if own_streams else contextlib.nullcontext():
             _adopt(item)
             job = item.job
+            require_real(item.W0, item.base_file, job.name)
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), job.kind)
             require_finite(W0, item.base_file, job.name)
             basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
@@ -292,8 +293,9 @@ def _delta(item: Loaded, i: int, tuned: TunedSource, ref: str, W0: torch.Tensor,
     if i not in item.Wt:
         return delta_to(tuned.delta(ref, W0, job.kind), device, dtype)
     stored = item.Wt[i]
-    Wt = orient(stored.to(device, non_blocking=True).to(dtype), job.kind)
     file = tuned.ckpt.file_of(ref)
+    require_real(stored, file, ref)
+    Wt = orient(stored.to(device, non_blocking=True).to(dtype), job.kind)
     if Wt.shape != W0.shape:
         raise MismatchError(
             f"{file}: tensor '{ref}' has shape {tuple(Wt.shape)} but the base matrix has {tuple(W0.shape)}"

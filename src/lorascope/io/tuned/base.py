@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from lorascope.errors import MismatchError
-from lorascope.io.checkpoint import Checkpoint, TensorSource
+from lorascope.io.checkpoint import Checkpoint, TensorSource, require_real
 from lorascope.io.layout import orient
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ class TunedSource(Protocol):
 
 def replacement_delta(ckpt: TensorSource, name: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
     """ΔW = W_t − W_0 for a tuned weight stored in full under ``name``."""
-    Wt = orient(ckpt.get(name), kind).to(W0.device, W0.dtype)
+    stored = ckpt.get(name)
+    require_real(stored, ckpt.file_of(name), name)
+    Wt = orient(stored, kind).to(W0.device, W0.dtype)
     if Wt.shape != W0.shape:
         raise MismatchError(
             f"{ckpt.file_of(name)}: tensor '{name}' has shape {tuple(Wt.shape)} but the base "

@@ -34,12 +34,17 @@ class FullCheckpoint:
         return cls(probe.ckpt)
 
     def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]:
-        tuned = [k for k in self.ckpt.keys() if len(self.ckpt.shape(k)) in (2, 4)]
-        mapping = align_names(base_kinds, tuned)
+        mapping = align_names(base_kinds, self.ckpt.keys())
         if not mapping:
             raise MismatchError(
                 f"{self.ckpt.root} shares no weight matrix with {base.root}: is it a fine-tune of that base?"
             )
+        for t, b in mapping.items():  # a matrix of the base that is no matrix here is an error, not left out
+            if len(self.ckpt.shape(t)) != len(base.shape(b)):
+                raise MismatchError(
+                    f"{self.ckpt.file_of(t)}: tensor '{t}' has shape {list(self.ckpt.shape(t))} where the base "
+                    f"matrix '{b}' has {list(base.shape(b))}"
+                )
         return {b: t for t, b in mapping.items()}
 
     def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
