@@ -43,30 +43,39 @@ def matrix_kinds(ckpt: Checkpoint) -> dict[str, str]:
     """Map every 2-D weight of ``ckpt`` to its kind.
 
     The module classes come from instantiating the model's architecture on the meta device (no
-    memory, no weights, no remote code), so Conv1D and Embedding are known exactly; a checkpoint
-    whose architecture transformers does not know falls back to names (2-D ``*.weight`` tensors
-    are Linear unless the name says embedding).
+    memory, no weights, no remote code): a transformers ``model_type`` or a diffusers ``_class_name``
+    config, so Conv1D and Embedding are known exactly; a checkpoint whose architecture neither library
+    knows falls back to names and shapes (4-D ``*.weight`` tensors are Conv2d, 2-D ones Linear unless
+    the module's own name says embedding). A diffusers pipeline folder (``Checkpoint.components``) is
+    read one component at a time, each with its own config.
     """
+    parts = getattr(ckpt, "components", None) or {"": ckpt.config}
     names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) in (2, 4)]
-    by_module = _module_kinds(ckpt.config) if ckpt.config else {}
     out: dict[str, str] = {}
-    for name in names:
-        kind = _lookup(by_module, name) if by_module else None
-        if kind is None and not by_module:
-            if len(ckpt.shape(name)) == 4:
-                kind = "conv2d"
-            else:
-                kind = "embedding" if _EMBEDDING_NAME.search(name) else "linear"
-        if kind is not None:
-            out[name] = kind
+    for prefix, config in parts.items():
+        by_module = _module_kinds(config) if config else {}
+        for name in names:
+            if prefix and not name.startswith(prefix + "."):
+                continue
+            local = name[len(prefix) + 1:] if prefix else name
+            kind = _lookup(by_module, local) if by_module else None
+            if kind is None and not by_module:
+                if len(ckpt.shape(name)) == 4:
+                    kind = "conv2d"
+                else:  # the module's own name: "time_embedding.linear_1" is a Linear
+                    kind = "embedding" if _EMBEDDING_NAME.search(local.split(".")[-2]) else "linear"
+            if kind is not None:
+                out[name] = kind
     return out
 
 
 def _module_kinds(config: dict) -> dict[str, str]:
     """{parameter-name suffix: kind} from a meta-device instance of the architecture, or {}."""
+    if "_class_name" in config and "model_type" not in config:  # a diffusers model (UNet, DiT, VAE, …)
+        model = _diffusers_meta_model(config)
+        return _index_kinds(model) if model is not None else {}
     try:
         import transformers
-        from transformers.pytorch_utils import Conv1D
 
         cfg_cls = transformers.AutoConfig.for_model(config["model_type"])
         cfg = cfg_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
@@ -76,6 +85,24 @@ def _module_kinds(config: dict) -> dict[str, str]:
             model = model_cls._from_config(cfg) if model_cls else transformers.AutoModel.from_config(cfg)
     except Exception:  # unknown or custom architecture: fall back to names
         return {}
+    return _index_kinds(model)
+
+
+def _diffusers_meta_model(config: dict):
+    """A meta-device instance of a diffusers model class from its config, or None."""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, config["_class_name"])
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception:  # diffusers missing, or a class it does not know: fall back to names
+        return None
+
+
+def _index_kinds(model: torch.nn.Module) -> dict[str, str]:
+    from transformers.pytorch_utils import Conv1D
+
     kinds: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, Conv1D):
@@ -113,30 +140,47 @@ def _lookup(index: dict[str, str], name: str) -> str | None:
     return None
 
 
-def _prefixes(keys: Iterable[str]) -> Counter:
-    c: Counter = Counter({"": 0})
-    for k in keys:
-        parts = k.split(".")
-        for depth in (1, 2):
-            if len(parts) > depth + 1:
-                c[".".join(parts[:depth]) + "."] += 1
-    return c
+def _strips(name: str) -> list[tuple[str, str]]:
+    """(prefix, rest) for each way to cut the first 0, 1 or 2 components off a name (always leaving two)."""
+    parts = name.split(".")
+    out = [("", name)]
+    for depth in (1, 2):
+        if len(parts) > depth + 1:
+            out.append((".".join(parts[:depth]) + ".", ".".join(parts[depth:])))
+    return out
 
 
 def align_names(base_keys: Iterable[str], tuned_keys: Iterable[str]) -> dict[str, str]:
-    """Map tuned names to base names when the two checkpoints wrap the same backbone differently
-    (e.g. ``bert.encoder.…`` in a classifier against ``encoder.…`` in the bare model, or PEFT's
-    module paths against checkpoint keys). Tries every (strip, add) pair of leading components and
-    keeps the one that pairs the most names; names that pair under neither are left out."""
+    """Map tuned names to base names.
+
+    Identical names always pair. The rest are paired when the two checkpoints wrap the same backbone
+    differently (``bert.encoder.…`` in a classifier against ``encoder.…`` in the bare model, PEFT's
+    module paths against checkpoint keys, ``unet.…`` in a pipeline against a bare UNet): of every
+    (strip, add) pair of up to two leading components, the one that pairs the most of the remaining
+    names is used. Each base name pairs at most once; names that pair under neither are left out."""
     base = set(base_keys)
-    tuned = list(tuned_keys)
-    tuned_prefixes = [p for p, _ in _prefixes(tuned).most_common(8)]
-    base_prefixes = [p for p, _ in _prefixes(base).most_common(8)]
-    best: tuple[int, str, str] = (-1, "", "")
-    for pt in tuned_prefixes:
-        for pb in base_prefixes:
-            n = sum(1 for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base)
-            if n > best[0]:
-                best = (n, pt, pb)
-    _, pt, pb = best
-    return {k: pb + k[len(pt):] for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base}
+    tuned = list(dict.fromkeys(tuned_keys))
+    mapping = {k: k for k in tuned if k in base}
+    rest = [k for k in tuned if k not in mapping]
+    free = base - set(mapping)
+    if not rest or not free:
+        return mapping
+    added: dict[str, list[str]] = {}  # rest of a free base name -> the prefixes it can be cut at
+    for b in free:
+        for pb, tail in _strips(b):
+            added.setdefault(tail, []).append(pb)
+    votes: Counter = Counter()
+    for k in rest:
+        for pt, tail in _strips(k):
+            for pb in added.get(tail, ()):
+                if pt != pb:
+                    votes[(pt, pb)] += 1
+    if not votes:
+        return mapping
+    # most names first; on a tie the shortest change, then the alphabet (the same answer every time)
+    (pt, pb), _ = min(votes.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
+    for k in rest:
+        if k.startswith(pt) and (b := pb + k[len(pt):]) in free:
+            mapping[k] = b
+            free.discard(b)
+    return mapping
