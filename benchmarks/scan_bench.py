@@ -248,9 +248,10 @@ def agreement(result, base_cos: dict, root: Path, tuned: str, device: torch.devi
 def stage_times(root: Path, cfg: dict, device: torch.device, reps: int = 3) -> dict:
     """Median seconds of each step of one matrix per distinct shape (layer 0): base basis (float64
     Gram eigh), top-k of W_t (block Krylov, LoRA and full), Alg. 1 end to end, and the two SVDs."""
-    from lorascope.io.checkpoint import Checkpoint
     from lorascope.pipeline import gram_left_basis
     from lorascope.scan import analyze_matrix
+
+    from lorascope.io.checkpoint import Checkpoint
     from lorascope.spectral import LowRankDelta, Tuned, top_k
 
     def med(fn) -> float:

@@ -52,9 +52,10 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=11008)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    from lorascope.io.checkpoint import Checkpoint
     from lorascope.pipeline import gram_left_basis
     from lorascope.scan import analyze_matrix
+
+    from lorascope.io.checkpoint import Checkpoint
     from lorascope.spectral import SVD, LowRankDelta
 
     for m in (args.hidden, args.intermediate):

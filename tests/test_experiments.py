@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from lorascope import scan
 from typer.testing import CliRunner
 
+from lorascope import scan
 from lorascope.cli import app
 from lorascope.errors import InputError
 from lorascope.experiments import (
