@@ -1,18 +1,22 @@
-"""Diffusion-model inputs against a float64 oracle: a diffusers UNet full fine-tune and a PEFT adapter folder
-on the UNet, against the bare UNet and a pipeline folder as base.
+"""Diffusion-model inputs against a float64 oracle: a diffusers UNet full fine-tune, a PEFT adapter folder on
+the UNet, kohya and LyCORIS files (LoHa, LoKr, Tucker LoCon, full diff, DyLoRA), a pipeline folder as base,
+and what is refused.
 
-Each oracle builds W_t = W_0 + ΔW without lorascope (the fine-tuned weights, PEFT's merge), then
-torch.linalg.svd in float64 and Alg. 1."""
+Each oracle builds W_t = W_0 + ΔW without lorascope: the fine-tuned weights, PEFT's merge, or LyCORIS'
+own reading of the file; then torch.linalg.svd in float64 and Alg. 1."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorascope import scan
+from lorascope.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,3 +149,154 @@ def test_peft_adapter_folder_on_unet(unet_base, pipeline, tmp_path, saved):
         pipe = scan(str(pipeline[0]), str(tmp_path / "adapter"), k=K, dtype="float64")
         assert len(pipe.matrices) == len(res.matrices) and all(r.name.startswith("unet.") for r in pipe.matrices)
         check(pipe, W0, Wt, prefix="unet.")
+
+
+# -- kohya and LyCORIS ------------------------------------------------------------------------------
+LYCO_NAMES = ["conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.conv1",
+              "down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+              "up_blocks.1.resnets.0.conv_shortcut", "mid_block.attentions.0.transformer_blocks.0.ff.net.2"]
+
+
+def lycoris_network(algo, dim=4, alpha=2.0, conv_dim=4, conv_alpha=1.0, **kwargs):
+    """A LyCORIS kohya network (lycoris.kohya.create_network) on a few UNet modules and the text encoder's
+    attention and MLP, with every factor random (LyCORIS starts one factor at zero)."""
+    import lycoris.kohya as lk
+
+    lk.PRESET["lorascope-test"] = {
+        "enable_conv": True, "unet_target_module": [], "unet_target_name": LYCO_NAMES,
+        "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"], "text_encoder_target_name": [],
+        "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": []}
+    unet, te = tiny_unet(), tiny_text_encoder()
+    net = lk.create_network(1.0, dim, alpha, None, te, unet, algo=algo, preset="lorascope-test", conv_dim=conv_dim,
+                            conv_alpha=conv_alpha, **kwargs)
+    net.apply_to(te, unet, apply_text_encoder=True, apply_unet=True)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for lora in net.unet_loras + net.text_encoder_loras:
+            for n, p in lora.named_parameters():
+                if not n.startswith("org_"):
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net, unet, te
+
+
+def lycoris_merged(file, W0: dict, component: str = "unet") -> dict:
+    """W_t as LyCORIS itself reads the file (lycoris.kohya.create_network_from_weights on a fresh UNet and
+    text encoder): W_0 + the update each module's forward pass adds, get_weight · scalar for LoHa / LoKr,
+    get_diff_weight for LoCon and full (these scale once)."""
+    import lycoris.kohya as lk
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    net, _ = lk.create_network_from_weights(1.0, str(file), None, tiny_text_encoder(), tiny_unet())
+    Wt = dict(W0)
+    for lora in net.unet_loras if component == "unet" else net.text_encoder_loras:
+        name = lora.lora_name.split("_", 2)[2]
+        key = next(k for k in W0 if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") == name)
+        with torch.no_grad():
+            if isinstance(lora, (LohaModule, LokrModule)):
+                d = lora.get_weight(lora.shape) * lora.scalar
+            else:
+                d = lora.get_diff_weight(1.0, shape=lora.shape)[0]
+        Wt[key] = W0[key] + d.reshape(W0[key].shape)
+    return Wt
+
+
+@pytest.mark.parametrize("algo,kwargs", [
+    ("loha", {}),
+    ("loha", {"use_tucker": True}),
+    ("lokr", {"factor": 4, "dim": 2, "conv_dim": 2}),
+    ("lokr", {"factor": 4, "dim": 1, "conv_dim": 1, "decompose_both": True, "use_tucker": True}),
+    ("locon", {"use_tucker": True}),
+    ("full", {}),
+], ids=["loha", "loha-tucker", "lokr", "lokr-both-tucker", "locon-tucker", "full-diff"])
+def test_lycoris_file_matches_lycoris_weights(unet_base, pipeline, tmp_path, algo, kwargs):
+    path, W0 = unet_base
+    net, unet, te = lycoris_network(algo, **kwargs)
+    net.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, None)
+    res = scan(str(path), str(tmp_path / "lyco.safetensors"), k=K, dtype="float64")
+    assert res.settings["tuned_kind"] == "lycoris" and len(res.matrices) == len(LYCO_NAMES)
+    assert sorted(res.unpaired["not_in_base"]) == sorted(m.lora_name for m in net.text_encoder_loras)
+    check(res, W0, lycoris_merged(tmp_path / "lyco.safetensors", W0))
+    if algo in ("loha", "lokr"):  # pipeline base: the text encoder's modules pair with text_encoder/
+        pipe, W0_unet, W0_te = pipeline
+        both = scan(str(pipe), str(tmp_path / "lyco.safetensors"), k=K, dtype="float64")
+        assert len(both.matrices) == len(LYCO_NAMES) + len(net.text_encoder_loras) and not both.unpaired
+        check(both, W0_te, lycoris_merged(tmp_path / "lyco.safetensors", W0_te, "te"), prefix="text_encoder.")
+
+
+def test_lycoris_forward_scales_once():
+    """The oracle's premise: the update LoHa / LoKr modules add in their forward pass is get_weight
+    (alpha / r once), not get_diff_weight (lycoris-lora 4.1 applies alpha / r twice there)."""
+    for algo in ("loha", "lokr"):
+        net, unet, _ = lycoris_network(algo, dim=2, alpha=1.0)
+        lora = next(m for m in net.unet_loras if m.lora_name.endswith("time_embedding_linear_1"))
+        lin = unet.time_embedding.linear_1
+        x = torch.eye(lin.in_features)
+        with torch.no_grad():
+            added = (lin(x) - torch.nn.functional.linear(x, lora.org_weight, lin.bias)).T
+            assert torch.allclose(added, lora.get_weight(lora.shape), atol=1e-5), algo
+            assert lora.scale == 0.5 and not torch.allclose(added, lora.get_diff_weight(1.0, lora.shape)[0])
+
+
+def kohya_merged(file, W0: dict, prefix: str) -> dict:
+    """W_t = W_0 + (alpha / r) · up @ down for every plain kohya module of ``file`` named ``prefix…``."""
+    sd, Wt = load_file(file), dict(W0)
+    for key in (k for k in sd if k.startswith(prefix) and k.endswith(".lora_down.weight")):
+        stem = key[: -len(".lora_down.weight")]
+        down, up = sd[key].double(), sd[f"{stem}.lora_up.weight"].double()
+        r = down.shape[0]
+        name = next(k for k in W0 if k[: -len(".weight")].replace(".", "_") == stem[len(prefix):])
+        d = float(sd[f"{stem}.alpha"]) / r * up.reshape(up.shape[0], r) @ down.reshape(r, -1)
+        Wt[name] = W0[name].double() + d.reshape(W0[name].shape)
+    return Wt
+
+
+def test_kohya_dylora_and_lora_pair_with_pipeline_components(pipeline, tmp_path):
+    """Plain kohya keys (DyLoRA as kohya and LyCORIS write it: concatenated lora_down/lora_up + alpha, merged
+    at full rank with alpha / r; lycoris' own loader cannot read back its 2-D conv lora_up, so the oracle is the
+    formula) against a pipeline folder: lora_unet_ pairs with unet/, lora_te_ with text_encoder/."""
+    pipe, W0_unet, W0_te = pipeline
+    net, _, _ = lycoris_network("dylora")
+    net.save_weights(str(tmp_path / "dylora.safetensors"), torch.float32, None)
+    assert set(load_file(tmp_path / "dylora.safetensors")) == {
+        f"{m.lora_name}.{s}" for m in net.unet_loras + net.text_encoder_loras
+        for s in ("lora_up.weight", "lora_down.weight", "alpha")}
+    res = scan(str(pipe), str(tmp_path / "dylora.safetensors"), k=K, dtype="float64")
+    assert res.settings["tuned_kind"] == "lora" and not res.unpaired
+    assert len(res.matrices) == len(LYCO_NAMES) + 6
+    check(res, W0_unet, kohya_merged(tmp_path / "dylora.safetensors", W0_unet, "lora_unet_"), prefix="unet.")
+    check(res, W0_te, kohya_merged(tmp_path / "dylora.safetensors", W0_te, "lora_te_"), prefix="text_encoder.")
+
+
+# -- refusals and bad input --------------------------------------------------------------------------
+@pytest.mark.parametrize("algo,kwargs,name", [
+    ("glora", {}, "GLoRA"),
+    ("boft", {"block_size": 8}, "BOFT"),
+    ("diag-oft", {}, "Diag-OFT"),
+    ("ia3", {}, "IA3"),
+    ("loha", {"dora_wd": True}, "DoRA"),
+])
+def test_unsupported_lycoris_types_are_refused_by_name(unet_base, tmp_path, algo, kwargs, name):
+    net, _, _ = lycoris_network(algo, **kwargs)
+    net.save_weights(str(tmp_path / "x.safetensors"), torch.float32, None)
+    with pytest.raises(InputError, match=rf"LyCORIS {name}.*\('lora_.*'\) is not supported because"):
+        scan(str(unet_base[0]), str(tmp_path / "x.safetensors"))
+
+
+def test_bad_lycoris_file_is_named_and_cli_exits_2(unet_base, tmp_path):
+    path, _ = unet_base
+    # a LoHa whose factors do not fit together: file and module named
+    net, _, _ = lycoris_network("loha")
+    sd = net.state_dict()
+    key = next(k for k in sd if k.endswith("conv1.hada_w1_b"))
+    sd[key] = torch.randn(4, 7)
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp_path / "broken.safetensors")
+    with pytest.raises(InputError, match=rf"broken\.safetensors.*'{key.split('.')[0]}'"):
+        scan(str(path), str(tmp_path / "broken.safetensors"))
+    # the CLI: exit code 2 and the message, never a traceback
+    net, _, _ = lycoris_network("glora")
+    net.save_weights(str(tmp_path / "glora.safetensors"), torch.float32, None)
+    out = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(path), str(tmp_path / "glora.safetensors")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "LyCORIS GLoRA" in out.stderr and ".a1.weight" in out.stderr.replace("\n", ""), out.stderr
