@@ -1,9 +1,9 @@
 """Diffusion-model inputs against a float64 oracle: a diffusers UNet full fine-tune, a PEFT adapter folder on
-the UNet, kohya and LyCORIS files (LoHa, LoKr, Tucker LoCon, full diff, DyLoRA), a pipeline folder as base,
-and what is refused.
+the UNet, diffusers single-file LoRAs (PEFT keys, old lora.down/up keys, Flux with .alpha), kohya and
+LyCORIS files (LoHa, LoKr, Tucker LoCon, full diff), a pipeline folder as base, and what is refused.
 
-Each oracle builds W_t = W_0 + ΔW without lorascope: the fine-tuned weights, PEFT's merge, or LyCORIS'
-own reading of the file; then torch.linalg.svd in float64 and Alg. 1."""
+Each oracle builds W_t = W_0 + ΔW without lorascope: diffusers' own loader + fuse_lora, PEFT's
+merge_and_unload, or lycoris' own module weights; then torch.linalg.svd in float64 and Alg. 1."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorascope import scan
-from lorascope.errors import InputError
+from lorascope.errors import InputError, MismatchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,6 +149,116 @@ def test_peft_adapter_folder_on_unet(unet_base, pipeline, tmp_path, saved):
         pipe = scan(str(pipeline[0]), str(tmp_path / "adapter"), k=K, dtype="float64")
         assert len(pipe.matrices) == len(res.matrices) and all(r.name.startswith("unet.") for r in pipe.matrices)
         check(pipe, W0, Wt, prefix="unet.")
+
+
+# -- diffusers single-file LoRAs --------------------------------------------------------------------
+def _lora_layers(model, seed, alpha=4, targets=TARGETS):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+    inject_adapter_in_model(cfg, model)
+    return get_peft_model_state_dict(model), cfg.to_dict()
+
+
+def _diffusers_merge(file, W0_unet, W0_te=None):
+    """W_t as diffusers' own SD loader reads the file: lora_state_dict + load_lora_into_unet/_text_encoder,
+    then fuse_lora (UNet) and PEFT's merge (text encoder)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as SD
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    sd, alphas, meta = SD.lora_state_dict(str(file), return_lora_metadata=True)
+    unet = tiny_unet()
+    unet.load_state_dict(W0_unet)
+    SD.load_lora_into_unet(sd, alphas, unet, metadata=meta)
+    unet.fuse_lora()
+    unet.unload_lora()
+    if W0_te is None:
+        return state(unet), None
+    te = tiny_text_encoder()
+    te.load_state_dict(W0_te)
+    SD.load_lora_into_text_encoder(sd, alphas, te, prefix="text_encoder", metadata=meta)
+    for m in te.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    te_state = {k.replace(".base_layer", ""): v for k, v in state(te).items() if "lora_" not in k}
+    return state(unet), te_state
+
+
+@pytest.mark.parametrize("metadata", [False, True], ids=["no-metadata", "lora_adapter_metadata"])
+def test_diffusers_lora_file_on_unet_and_pipeline(unet_base, pipeline, tmp_path, metadata):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as SD
+
+    path, W0 = unet_base
+    unet_layers, unet_cfg = _lora_layers(tiny_unet(), seed=4, alpha=6)
+    te_layers, te_cfg = _lora_layers(tiny_text_encoder(), seed=5, alpha=2, targets=["q_proj", "v_proj", "fc1"])
+    extra = dict(unet_lora_adapter_metadata=unet_cfg, text_encoder_lora_adapter_metadata=te_cfg) if metadata else {}
+    SD.save_lora_weights(tmp_path / "lora", unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers, **extra)
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    pipe, W0_unet, W0_te = pipeline
+    Wt_unet, Wt_te = _diffusers_merge(file, W0_unet, W0_te)
+
+    res = scan(str(path), str(file), k=K, dtype="float64")  # bare UNet base: text encoder modules unpaired
+    assert res.settings["tuned_kind"] == "lora"
+    te_modules = {k.rsplit(".lora_", 1)[0] for k in load_file(file) if k.startswith("text_encoder.")}
+    assert sorted(res.unpaired["not_in_base"]) == sorted(te_modules) and len(te_modules) == 3
+    check(res, W0, Wt_unet)
+    both = scan(str(pipe), str(tmp_path / "lora"), k=K, dtype="float64")  # the folder, and a pipeline base
+    assert not both.unpaired
+    assert len(both.matrices) == len(res.matrices) + 3
+    check(both, W0_unet, Wt_unet, prefix="unet.")
+    check(both, W0_te, Wt_te, prefix="text_encoder.")
+
+
+def test_old_diffusers_lora_format(unet_base, tmp_path):
+    """attn processors (…attn1.processor.to_q_lora.down.weight) and …conv1.lora.down.weight, as diffusers'
+    convert_unet_state_dict_to_peft reads them."""
+    path, W0 = unet_base
+    layers, _ = _lora_layers(tiny_unet(), seed=6)
+    old = {}
+    for k, v in layers.items():
+        module, role = k.rsplit(".lora_", 1)
+        direction = "down" if role.startswith("A") else "up"
+        if module.endswith(".to_out.0"):
+            old[f"unet.{module[: -len('.to_out.0')]}.processor.to_out_lora.{direction}.weight"] = v
+        elif module.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):
+            attn, proj = module.rsplit(".", 1)
+            old[f"unet.{attn}.processor.{proj}_lora.{direction}.weight"] = v
+        else:
+            old[f"unet.{module}.lora.{direction}.weight"] = v
+    save_file(old, tmp_path / "old.safetensors")
+    Wt, _ = _diffusers_merge(tmp_path / "old.safetensors", W0)
+    res = scan(str(path), str(tmp_path / "old.safetensors"), k=K, dtype="float64")
+    assert len(res.matrices) == len({k.rsplit(".lora_", 1)[0] for k in layers}) and not res.unpaired
+    check(res, W0, Wt)
+
+
+def test_flux_diffusers_lora_with_alpha(tmp_path):
+    """transformer.… keys with .alpha tensors: diffusers' Flux loader scales by alpha / r."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin as Flux
+
+    def flux():
+        torch.manual_seed(7)
+        return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                      pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+    base = flux()
+    base.save_pretrained(tmp_path / "transformer")
+    W0 = state(base)
+    layers, _ = _lora_layers(flux(), seed=8, targets=["to_q", "to_k", "add_q_proj", "proj_mlp", "ff.net.2"])
+    lora = {f"transformer.{k}": v for k, v in layers.items()}
+    for i, k in enumerate(sorted(k for k in layers if k.endswith("lora_A.weight"))):
+        lora[f"transformer.{k[: -len('.lora_A.weight')]}.alpha"] = torch.tensor(float(1 + i % 3))
+    save_file(lora, tmp_path / "flux_lora.safetensors")
+    sd, alphas = Flux.lora_state_dict(str(tmp_path / "flux_lora.safetensors"), return_alphas=True)
+    model = flux()
+    Flux.load_lora_into_transformer(sd, alphas, model)
+    model.fuse_lora()
+    model.unload_lora()
+    res = scan(str(tmp_path / "transformer"), str(tmp_path / "flux_lora.safetensors"), k=K, dtype="float64")
+    assert len(res.matrices) == len(alphas)
+    check(res, W0, state(model))
 
 
 # -- kohya and LyCORIS ------------------------------------------------------------------------------
@@ -300,3 +410,23 @@ def test_bad_lycoris_file_is_named_and_cli_exits_2(unet_base, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "LyCORIS GLoRA" in out.stderr and ".a1.weight" in out.stderr.replace("\n", ""), out.stderr
+
+
+def test_diffusers_file_refusals(unet_base, tmp_path):
+    path, _ = unet_base
+    layers, _ = _lora_layers(tiny_unet(), seed=10, targets=["to_q"])
+    dora = {f"unet.{k}": v for k, v in layers.items()}
+    first = next(iter(dora)).rsplit(".lora_", 1)[0]
+    dora[f"{first}.lora_magnitude_vector"] = torch.ones(32)
+    save_file(dora, tmp_path / "dora.safetensors")
+    with pytest.raises(InputError, match="DoRA"):
+        scan(str(path), str(tmp_path / "dora.safetensors"))
+    peft_file = {f"base_model.model.{k}": v for k, v in layers.items()}
+    save_file(peft_file, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="adapter_config.json"):
+        scan(str(path), str(tmp_path / "adapter_model.safetensors"))
+    te_only = {f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_{r}.weight": torch.ones(4, 4)
+               for r in "AB"}
+    save_file(te_only, tmp_path / "te.safetensors")
+    with pytest.raises(MismatchError, match="wrong base or component"):
+        scan(str(path), str(tmp_path / "te.safetensors"))
