@@ -212,7 +212,7 @@ def test_diffusers_lora_file_on_unet_and_pipeline(unet_base, pipeline, tmp_path,
 
 def test_old_diffusers_lora_format(unet_base, tmp_path):
     """attn processors (…attn1.processor.to_q_lora.down.weight) and …conv1.lora.down.weight, as diffusers'
-    convert_unet_state_dict_to_peft reads them."""
+    convert_unet_state_dict_to_peft reads them; and lora_A.default.weight keys."""
     path, W0 = unet_base
     layers, _ = _lora_layers(tiny_unet(), seed=6)
     old = {}
@@ -231,6 +231,10 @@ def test_old_diffusers_lora_format(unet_base, tmp_path):
     res = scan(str(path), str(tmp_path / "old.safetensors"), k=K, dtype="float64")
     assert len(res.matrices) == len({k.rsplit(".lora_", 1)[0] for k in layers}) and not res.unpaired
     check(res, W0, Wt)
+    # the keys of a raw state dict, with the adapter's name: …to_q.lora_A.default.weight
+    save_file({f"unet.{k.replace('.weight', '.default.weight')}": v for k, v in layers.items()},
+              tmp_path / "named.safetensors")
+    check(scan(str(path), str(tmp_path / "named.safetensors"), k=K, dtype="float64"), W0, Wt)
 
 
 def test_flux_diffusers_lora_with_alpha(tmp_path):
@@ -430,3 +434,12 @@ def test_diffusers_file_refusals(unet_base, tmp_path):
     save_file(te_only, tmp_path / "te.safetensors")
     with pytest.raises(MismatchError, match="wrong base or component"):
         scan(str(path), str(tmp_path / "te.safetensors"))
+
+
+def test_merged_mitigation_of_a_pipeline_is_refused(pipeline, tmp_path):
+    from lorascope import mitigate
+
+    layers, _ = _lora_layers(tiny_unet(), seed=11, targets=["to_q"])
+    save_file({f"unet.{k}": v for k, v in layers.items()}, tmp_path / "l.safetensors")
+    with pytest.raises(InputError, match="pipeline folder is not supported"):
+        mitigate(str(pipeline[0]), str(tmp_path / "l.safetensors"), tmp_path / "out", format="merged")

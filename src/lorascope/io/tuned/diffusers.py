@@ -5,7 +5,8 @@ One ``.safetensors`` file (or a folder holding ``pytorch_lora_weights.safetensor
 ``transformer.``, ``text_encoder.``, ``text_encoder_2.``, … or none, from a model's own
 ``save_lora_adapter``) and one of the factor suffixes diffusers loads:
 
-- PEFT: ``{module}.lora_A.weight`` (r × in[, kh, kw]) / ``{module}.lora_B.weight`` (out × r[, 1, 1]);
+- PEFT: ``{module}.lora_A.weight`` (r × in[, kh, kw]) / ``{module}.lora_B.weight`` (out × r[, 1, 1]),
+  also with the adapter's name as a raw state dict has it (``lora_A.default.weight``);
 - old diffusers: ``{module}.lora.down.weight`` / ``.lora.up.weight``, ``{module}.lora_linear_layer.down/up``,
   and attention processors ``{attn}.processor.to_q_lora.down.weight`` (→ ``{attn}.to_q``, or
   ``{attn}.q_proj`` in a text encoder; ``to_out_lora`` → ``to_out.0`` / ``out_proj``), as
@@ -49,6 +50,7 @@ _ROLES = (
     (".alpha", "alpha"),
 )
 _PROC = re.compile(r"^(.*)\.(to_q|to_k|to_v|to_out)_lora\.(down\.weight|up\.weight|alpha)$")
+_NAMED = re.compile(r"^(.*)\.lora_([AB])\.(?!weight$)\w+\.weight$")  # a raw state dict: lora_A.default.weight
 _PROC_TARGETS = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v": ("to_v", "v_proj"),
                  "to_out": ("to_out.0", "out_proj")}
 _REFUSED = (
@@ -73,6 +75,9 @@ def _split(key: str) -> tuple[str, list[str], str] | None:
         if k.endswith(suffix):
             module = k[: -len(suffix)]
             return module, [module], role
+    m = _NAMED.match(k)
+    if m:
+        return m.group(1), [m.group(1)], m.group(2)
     return None
 
 
@@ -147,7 +152,7 @@ class DiffusersLora:
 
     @classmethod
     def sniff(cls, probe: Probe) -> bool:
-        return any(k.endswith(_SNIFF) or ".lokr_" in k or ".hada_" in k for k in probe.ckpt.keys())
+        return any(k.endswith(_SNIFF) or ".lokr_" in k or ".hada_" in k or _NAMED.match(k) for k in probe.ckpt.keys())
 
     @classmethod
     def open(cls, probe: Probe) -> DiffusersLora:

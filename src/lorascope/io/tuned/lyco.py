@@ -96,7 +96,7 @@ class LycorisFile:
                     blocks = parts.get("oft_blocks")
                     ndim = len(weights.shape(blocks)) if blocks else 0
                     what = "BOFT" if ndim == 4 else "Diag-OFT (or kohya OFT)"
-                raise InputError(f"LyCORIS {what} ('{parts[refused[0]]}') is not supported because {why}")
+                raise InputError(f"{path}: LyCORIS {what} ('{parts[refused[0]]}') is not supported because {why}")
             self.types[stem] = self._type(stem, parts)
         self.unpaired: list[str] = [s for s, t in self.types.items() if t == "norm"]
 
