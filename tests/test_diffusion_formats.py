@@ -72,6 +72,7 @@ def check(result, W0: dict, Wt: dict, prefix: str = "") -> float:
         worst = max(worst, float((torch.tensor(rec.max_cos, dtype=torch.float64) - cos).abs().max()))
         assert rec.n_intruders == n, name
     assert worst < 1e-4
+    print(f"[{prefix or 'base'}] {len(records)} matrices, max |Δ max-cos| = {worst:.1e}")  # shown with pytest -s
     return worst
 
 
@@ -434,6 +435,32 @@ def test_diffusers_file_refusals(unet_base, tmp_path):
     save_file(te_only, tmp_path / "te.safetensors")
     with pytest.raises(MismatchError, match="wrong base or component"):
         scan(str(path), str(tmp_path / "te.safetensors"))
+
+
+def test_synthetic_lycoris_refusals_and_unpaired_norms(unet_base, tmp_path):
+    """T-LoRA and a Tucker LoKr w1 refused by name; norm modules (w_norm) listed unpaired; kohya SDXL names
+    in SGM layout (input_blocks) pair with no diffusers weight."""
+    path, _ = unet_base
+    cases = {"T-LoRA": {"lora_unet_conv_in.lambda_layer": torch.ones(4),
+                        "lora_unet_conv_in.q_layer.weight": torch.ones(4, 4)},
+             "LoKr with a Tucker w1": {"lora_unet_conv_in.lokr_t1": torch.ones(2, 2, 3, 3),
+                                       "lora_unet_conv_in.lokr_w1": torch.ones(2, 2),
+                                       "lora_unet_conv_in.lokr_w2": torch.ones(16, 2)}}
+    for what, sd in cases.items():
+        save_file(sd, tmp_path / "x.safetensors")
+        with pytest.raises(InputError, match=rf"x\.safetensors: LyCORIS {what}.*is not supported because"):
+            scan(str(path), str(tmp_path / "x.safetensors"))
+    g = torch.Generator().manual_seed(12)
+    loha = {f"lora_unet_conv_in.hada_w{i}_{s}": torch.randn(*((32, 2) if s == "a" else (2, 36)), generator=g)
+            for i in (1, 2) for s in "ab"}
+    save_file({**loha, "lora_unet_conv_norm_out.w_norm": torch.ones(32)}, tmp_path / "norm.safetensors")
+    res = scan(str(path), str(tmp_path / "norm.safetensors"), k=K)
+    assert [r.name for r in res.matrices] == ["conv_in.weight"]
+    assert res.unpaired["not_in_base"] == ["lora_unet_conv_norm_out"]
+    sgm = {f"lora_unet_input_blocks_1_1_proj_in.lora_{d}.weight": torch.ones(2, 32) for d in ("down", "up")}
+    save_file(sgm, tmp_path / "sgm.safetensors")
+    with pytest.raises(MismatchError, match="input_blocks.*wrong base or component"):
+        scan(str(path), str(tmp_path / "sgm.safetensors"))
 
 
 def test_merged_mitigation_of_a_pipeline_is_refused(pipeline, tmp_path):
