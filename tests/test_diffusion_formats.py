@@ -238,6 +238,32 @@ def test_old_diffusers_lora_format(unet_base, tmp_path):
     check(scan(str(path), str(tmp_path / "named.safetensors"), k=K, dtype="float64"), W0, Wt)
 
 
+def test_training_script_lora_files(pipeline, tmp_path):
+    """What diffusers' train_*_lora.py scripts save: convert_state_dict_to_diffusers(get_peft_model_state_dict(…))
+    (UNet attention keys as …to_q.lora.down.weight, CLIP keys as …q_proj.lora_linear_layer.down.weight without
+    text_model.); a UNet file that mixes such keys with PEFT ones is refused (diffusers would drop the old ones)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as SD
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    pipe, W0_unet, W0_te = pipeline
+    unet_layers, _ = _lora_layers(tiny_unet(), seed=13, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    te_layers, _ = _lora_layers(tiny_text_encoder(), seed=14, targets=["q_proj", "out_proj"])
+    ul, tl = convert_state_dict_to_diffusers(unet_layers), convert_state_dict_to_diffusers(te_layers)
+    assert all(".lora.down." in k or ".lora.up." in k for k in ul) and all("lora_linear_layer" in k for k in tl)
+    SD.save_lora_weights(tmp_path / "script", unet_lora_layers=ul, text_encoder_lora_layers=tl)
+    file = tmp_path / "script" / "pytorch_lora_weights.safetensors"
+    Wt_unet, Wt_te = _diffusers_merge(file, W0_unet, W0_te)
+    res = scan(str(pipe), str(file), k=K, dtype="float64")
+    assert len(res.matrices) == len(ul) // 2 + len(tl) // 2 and not res.unpaired
+    check(res, W0_unet, Wt_unet, prefix="unet.")
+    check(res, W0_te, Wt_te, prefix="text_encoder.")
+    mixed, _ = _lora_layers(tiny_unet(), seed=15)  # proj_in, conv1, … keep their PEFT keys
+    mixed = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(mixed).items()}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(InputError, match="mixes PEFT keys .* and old diffusers keys"):
+        scan(str(pipe), str(tmp_path / "mixed.safetensors"))
+
+
 def test_flux_diffusers_lora_with_alpha(tmp_path):
     """transformer.… keys with .alpha tensors: diffusers' Flux loader scales by alpha / r."""
     from diffusers import FluxTransformer2DModel

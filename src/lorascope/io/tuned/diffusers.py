@@ -120,6 +120,7 @@ class DiffusersLora:
             for role, name in (("A", "down / lora_A"), ("B", "up / lora_B")):
                 if role not in roles:
                     raise InputError(f"{path}: module '{module}' has no {name} factor")
+        self._check_mixed(keys)
         self.configs = self._adapter_configs()
         if self.configs and any("alpha" in r for r in self.modules.values()):
             raise InputError(
@@ -129,6 +130,26 @@ class DiffusersLora:
         for comp, cfg in self.configs.items():
             if cfg.get("use_dora"):
                 raise InputError(f"{path}: DoRA (use_dora in the {comp or 'adapter'} metadata) is not supported")
+
+    def _check_mixed(self, keys: list[str]) -> None:
+        """diffusers' model loader (``PeftAdapterMixin.load_lora_adapter``) converts old keys only when
+        a component's first key is not a PEFT one; otherwise it drops them with a warning. Such a file
+        means two different things, so it is refused rather than read either way."""
+        first: dict[str, str] = {}
+        old: dict[str, str] = {}
+        for k in keys:
+            comp = k.split(".", 1)[0] if k.split(".", 1)[0] in DIFFUSERS_COMPONENTS else ""
+            if comp.startswith("text_encoder") or _split(k) is None:
+                continue  # text encoders: diffusers converts every key
+            first.setdefault(comp, k)
+            if not re.search(r"\.lora_[AB]\.", k) and not k.endswith(".alpha"):
+                old.setdefault(comp, k)
+        for comp, k in old.items():
+            if "lora_A" in first[comp]:
+                raise InputError(
+                    f"{self.root}: mixes PEFT keys ('{first[comp]}') and old diffusers keys ('{k}') in one "
+                    "component; diffusers' loader would drop the old ones, so the file is ambiguous"
+                )
 
     def _adapter_configs(self) -> dict[str, dict[str, Any]]:
         """diffusers' lora_adapter_metadata, split by component: {'unet': {'r': …, 'lora_alpha': …}, …}
@@ -168,7 +189,10 @@ class DiffusersLora:
         for module, cands in self.candidates.items():
             comps = self._component(module, known)
             cut = len(comps[0]) + 1 if comps else 0
-            modules[module] = (comps, [c[cut:] for c in cands])
+            paths = [c[cut:] for c in cands]
+            if comps and comps[0].startswith("text_encoder"):  # diffusers accepts CLIP keys without text_model.
+                paths += ["text_model." + c for c in paths if not c.startswith("text_model.")]
+            modules[module] = (comps, paths)
         out, unpaired = pair_modules(modules, base, base_kinds, source=self.description)
         self.unpaired = unpaired + self._extra
         if not out:
