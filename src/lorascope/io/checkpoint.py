@@ -244,7 +244,8 @@ def open_safetensors(f: Path):
 def _weight_files(root: Path) -> list[Path]:
     """The weight files of a folder, safetensors first; shards come from the index when present."""
     for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
-        for index in sorted(root.glob(pattern)):
+        # the plain index before variants (diffusion_pytorch_model.fp16.safetensors.index.json)
+        for index in sorted(root.glob(pattern), key=lambda p: (p.name.count("."), p.name)):
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             shards = sorted({root / v for v in weight_map.values()})
             missing = [s for s in shards if not s.is_file()]

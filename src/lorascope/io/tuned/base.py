@@ -87,3 +87,11 @@ def lowrank_delta(up: torch.Tensor, down: torch.Tensor, scale: float, W0: torch.
             f"{source}: '{ref}' gives ΔW of shape {d.shape} but the base matrix is {tuple(W0.shape)}: wrong base?"
         )
     return d
+
+
+def scalar(ckpt: TensorSource, key: str) -> float:
+    """A one-element tensor (an ``alpha``) as a float; InputError naming the file and tensor otherwise."""
+    t = ckpt.get(key)
+    if t.numel() != 1:
+        raise InputError(f"{ckpt.file_of(key)}: tensor '{key}' should hold one number but has shape {tuple(t.shape)}")
+    return float(t.reshape(()))

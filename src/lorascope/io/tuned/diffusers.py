@@ -39,7 +39,7 @@ import torch
 
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, TensorSource
-from lorascope.io.tuned.base import Probe, lowrank_delta
+from lorascope.io.tuned.base import Probe, lowrank_delta, scalar
 from lorascope.io.tuned.components import DIFFUSERS_COMPONENTS, pair_modules
 from lorascope.spectral.operators import Delta
 
@@ -217,7 +217,7 @@ class DiffusersLora:
                 alpha = patterns.get(get_pattern_key(list(patterns), local), alpha)
             return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if "alpha" in roles:
-            return float(self.weights.get(roles["alpha"])) / r
+            return scalar(self.weights, roles["alpha"]) / r
         return 1.0
 
     def factor_keys(self, module: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ import torch
 
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, TensorSource
-from lorascope.io.tuned.base import Probe, lowrank_delta
+from lorascope.io.tuned.base import Probe, lowrank_delta, scalar
 from lorascope.io.tuned.components import flat, kohya_split, pair_modules
 from lorascope.spectral.operators import Delta
 
@@ -77,5 +77,5 @@ class KohyaLora:
         up = self.weights.get(f"{ref}.lora_up.weight")
         r = down.shape[0]
         alpha_key = f"{ref}.alpha"
-        alpha = float(self.weights.get(alpha_key)) if alpha_key in self.weights else float(r)
+        alpha = scalar(self.weights, alpha_key) if alpha_key in self.weights else float(r)
         return lowrank_delta(up, down, alpha / r, W0, self.description, ref)

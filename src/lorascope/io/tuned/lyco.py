@@ -36,7 +36,7 @@ import torch
 
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, TensorSource
-from lorascope.io.tuned.base import Probe, lowrank_delta
+from lorascope.io.tuned.base import Probe, lowrank_delta, scalar
 from lorascope.io.tuned.components import KOHYA_PREFIXES, flat, kohya_split, pair_modules
 from lorascope.spectral.operators import Delta
 
@@ -155,7 +155,7 @@ class LycorisFile:
 
     def _alpha(self, stem: str, r: int) -> float:
         key = self.modules[stem].get("alpha")
-        alpha = float(self.weights.get(key)) if key is not None else 0.0
+        alpha = scalar(self.weights, key) if key is not None else 0.0
         return alpha if alpha != 0 else float(r)  # LyCORIS: alpha None or 0 means alpha = r
 
     def delta(self, ref: str, W0: torch.Tensor, kind: str) -> Delta:
@@ -178,6 +178,8 @@ class LycorisFile:
                 else:
                     w1 = w1a.reshape(-1, w1a.shape[1]) @ w1b.reshape(r, -1)
                     w2 = w2a.reshape(-1, w2a.shape[1]) @ w2b.reshape(w2b.shape[0], -1)
+                if w1.shape != w2.shape:
+                    raise RuntimeError(f"the two Hadamard halves have shapes {tuple(w1.shape)} and {tuple(w2.shape)}")
                 d = (w1 * w2) * (self._alpha(ref, r) / r)
             elif t == "lokr":
                 w1, w2 = get("lokr_w1"), get("lokr_w2")
@@ -197,7 +199,7 @@ class LycorisFile:
                 d = torch.kron(w1, w2) * (1.0 if r is None else self._alpha(ref, r) / r)
             else:  # full
                 d = get("diff")
-        except RuntimeError as e:  # factors whose shapes do not multiply
+        except (RuntimeError, IndexError, ValueError) as e:  # factors whose shapes do not multiply
             raise InputError(f"{self.description}: the {t} tensors of '{ref}' do not fit together ({e})") from e
         if d.numel() != W0.numel() or d.shape[0] != W0.shape[0]:
             raise MismatchError(
