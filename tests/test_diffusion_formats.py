@@ -365,6 +365,33 @@ def test_lycoris_file_matches_lycoris_weights(unet_base, pipeline, tmp_path, alg
         check(both, W0_te, lycoris_merged(tmp_path / "lyco.safetensors", W0_te, "te"), prefix="text_encoder.")
 
 
+def test_lycoris_wrapper_file(unet_base, tmp_path):
+    """A file of LyCORIS' own wrapper (lycoris.create_lycoris: names lycoris_…), LoKr on a UNet; the oracle is
+    lycoris.create_lycoris_from_weights on the file."""
+    from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+
+    path, W0 = unet_base
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": LYCO_NAMES})
+    net = create_lycoris(tiny_unet(), 1.0, linear_dim=2, linear_alpha=3.0, conv_dim=2, conv_alpha=1.0, algo="lokr",
+                         factor=4)
+    net.apply_to()
+    g = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        for lora in net.loras:
+            for p in lora.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    net.save_weights(str(tmp_path / "wrap.safetensors"), torch.float32, None)
+    loaded, _ = create_lycoris_from_weights(1.0, str(tmp_path / "wrap.safetensors"), tiny_unet())
+    Wt = dict(W0)
+    for lora in loaded.loras:
+        name = next(k for k in W0 if "lycoris_" + k[: -len(".weight")].replace(".", "_") == lora.lora_name)
+        with torch.no_grad():
+            Wt[name] = W0[name] + (lora.get_weight(lora.shape) * lora.scalar).reshape(W0[name].shape)
+    res = scan(str(path), str(tmp_path / "wrap.safetensors"), k=K, dtype="float64")
+    assert len(res.matrices) == len(LYCO_NAMES) and not res.unpaired
+    check(res, W0, Wt)
+
+
 def test_lycoris_forward_scales_once():
     """The oracle's premise: the update LoHa / LoKr modules add in their forward pass is get_weight
     (alpha / r once), not get_diff_weight (lycoris-lora 4.1 applies alpha / r twice there)."""
