@@ -128,7 +128,10 @@ class Checkpoint:
                 else:
                     self._stored[f"{name}.{k}"] = k
             cfg = sub / "config.json"
-            self.components[name] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+            try:
+                self.components[name] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+            except ValueError as e:
+                raise InputError(f"{cfg}: not readable JSON ({e})") from e
         if not self.components:
             raise InputError(f"{root}: model_index.json names no component folder with weights")
 

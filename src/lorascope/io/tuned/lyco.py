@@ -126,8 +126,6 @@ class LycorisFile:
 
     @classmethod
     def sniff(cls, probe: Probe) -> bool:
-        if not probe.path.is_file():
-            return False
         return any((s := _kohya_key(k)) is not None and s[1] in LYCORIS_ONLY for k in probe.ckpt.keys())
 
     @classmethod
