@@ -292,6 +292,28 @@ def test_flux_diffusers_lora_with_alpha(tmp_path):
     check(res, W0, state(model))
 
 
+def test_unprefixed_lora_of_a_vae(tmp_path):
+    """A model's own LoRA (no component prefix) on an AutoencoderKL, whose top-level encoder. / decoder. modules
+    are no component names; diffusers' load_lora_adapter(prefix=None) + fuse_lora is the oracle."""
+    from diffusers import AutoencoderKL
+
+    def vae():
+        torch.manual_seed(2)
+        return AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, layers_per_block=1,
+                             down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    base = vae()
+    base.save_pretrained(tmp_path / "vae")
+    layers, _ = _lora_layers(vae(), seed=17, targets=["conv1", "to_q"])
+    save_file(layers, tmp_path / "vae_lora.safetensors")
+    model = vae()
+    model.load_lora_adapter(str(tmp_path / "vae_lora.safetensors"), prefix=None)
+    model.fuse_lora()
+    model.unload_lora()
+    res = scan(str(tmp_path / "vae"), str(tmp_path / "vae_lora.safetensors"), k=K, dtype="float64")
+    assert {r.name.split(".")[0] for r in res.matrices} == {"encoder", "decoder"} and not res.unpaired
+    check(res, state(base), state(model))
+
+
 # -- kohya and LyCORIS ------------------------------------------------------------------------------
 LYCO_NAMES = ["conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.conv1",
               "down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",

@@ -184,7 +184,10 @@ class DiffusersLora:
         return (first,) if first in known and "." in module else ()
 
     def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]:
-        known = set(DIFFUSERS_COMPONENTS) | set(getattr(base, "components", None) or {})
+        pipeline = set(getattr(base, "components", None) or {})
+        known = set(DIFFUSERS_COMPONENTS) | pipeline
+        if not pipeline:  # a one-model base: its own top-level modules (a VAE's decoder.…) are no prefix
+            known -= {name.split(".", 1)[0] for name in base_kinds}
         modules = {}
         for module, cands in self.candidates.items():
             comps = self._component(module, known)
