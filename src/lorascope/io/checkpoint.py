@@ -7,7 +7,10 @@ Formats, in order of preference:
 - ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (any ``*.safetensors`` index);
 - ``pytorch_model.bin`` / sharded ``.bin``, loaded with ``torch.load(weights_only=True, mmap=True)``;
 - a single ``.safetensors`` or ``.bin``/``.pt`` file;
-- a ``.gguf`` file, dequantised one tensor at a time by the ``gguf`` package (``io/gguf.py``).
+- a ``.gguf`` file, dequantised one tensor at a time by the ``gguf`` package (``io/gguf.py``);
+- a diffusers pipeline folder (``model_index.json``): every component sub-folder with weights
+  (``unet/``, ``transformer/``, ``text_encoder/``, ``vae/``, …), its tensors named
+  ``{component}.{name}`` and its config in ``Checkpoint.components``.
 """
 
 from __future__ import annotations
@@ -78,13 +81,18 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._gguf: dict[Path, Any] = {}  # GGUF files (io.gguf.GGUFFile)
         self._state: dict[str, torch.Tensor] | None = None  # for formats that cannot be read lazily
+        self._stored: dict[str, str] = {}  # pipeline tensor name -> its name in the component's file
         self.config: dict = {}
+        self.components: dict[str, dict] = {}  # a pipeline's components: name -> its config.json
         self._index()
 
     # -- discovery -------------------------------------------------------------------------
     def _index(self) -> None:
         root = self.root
-        if root.is_file():
+        if root.is_dir() and (root / "model_index.json").is_file():
+            self._index_pipeline(root)
+            cfg = root / "config.json"  # none: each component has its own (``components``)
+        elif root.is_file():
             self._index_file(root)
             cfg = root.parent / "config.json"
         else:
@@ -114,6 +122,36 @@ class Checkpoint:
                 )
         if not self._where:
             raise InputError(f"{root}: the weight files hold no tensors")
+
+    def _index_pipeline(self, root: Path) -> None:
+        """A diffusers pipeline: each component listed in model_index.json whose sub-folder holds weights."""
+        try:
+            index = json.loads((root / "model_index.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{root / 'model_index.json'}: not readable JSON ({e})") from e
+        for name, spec in index.items():
+            sub = root / name
+            if name.startswith("_") or not isinstance(spec, list) or not sub.is_dir():
+                continue
+            files = _weight_files(sub)
+            if not files:
+                continue  # scheduler, tokenizer, feature extractor: no weights
+            before = set(self._where)
+            for f in files:
+                self._index_file(f)
+            for k in set(self._where) - before:  # name the tensors by component
+                self._where[f"{name}.{k}"] = self._where.pop(k)
+                if self._state is not None and k in self._state:  # .bin: components may share names
+                    self._state[f"{name}.{k}"] = self._state.pop(k)
+                else:
+                    self._stored[f"{name}.{k}"] = k
+            cfg = sub / "config.json"
+            try:
+                self.components[name] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+            except ValueError as e:
+                raise InputError(f"{cfg}: not readable JSON ({e})") from e
+        if not self.components:
+            raise InputError(f"{root}: model_index.json names no component folder with weights")
 
     def _index_file(self, f: Path) -> None:
         suffix = f.suffix
@@ -151,12 +189,12 @@ class Checkpoint:
         return self._where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        f = self._where[name]
+        f, stored = self._where[name], self._stored.get(name, name)
         if f in self._handles:
-            return tuple(self._handles[f].get_slice(name).get_shape())
+            return tuple(self._handles[f].get_slice(stored).get_shape())
         if f in self._gguf:
-            return self._gguf[f].shape(name)
-        return tuple(self._state[name].shape)
+            return self._gguf[f].shape(stored)
+        return tuple(self._state[stored].shape)
 
     def metadata(self) -> dict[str, str]:
         """The ``__metadata__`` of a single safetensors file (kohya files keep their training notes there)."""
@@ -170,13 +208,13 @@ class Checkpoint:
         """Load one tensor (CPU), raising NonFiniteError if it holds NaN or Inf."""
         if name not in self._where:
             raise InputError(f"{self.root}: no tensor named '{name}'")
-        f = self._where[name]
+        f, stored = self._where[name], self._stored.get(name, name)
         if f in self._handles:
-            t = self._handles[f].get_tensor(name)
+            t = self._handles[f].get_tensor(stored)
         elif f in self._gguf:
-            t = self._gguf[f].get(name)
+            t = self._gguf[f].get(stored)
         else:
-            t = self._state[name]
+            t = self._state[stored]
         if check_finite:
             require_finite(t, f, name)
         return t
@@ -257,14 +295,17 @@ def open_safetensors(f: Path):
 def _weight_files(root: Path) -> list[Path]:
     """The weight files of a folder, safetensors first; shards come from the index when present."""
     for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
-        for index in sorted(root.glob(pattern)):
+        # the plain index before variants (diffusion_pytorch_model.fp16.safetensors.index.json)
+        for index in sorted(root.glob(pattern), key=lambda p: (p.name.count("."), p.name)):
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             shards = sorted({root / v for v in weight_map.values()})
             missing = [s for s in shards if not s.is_file()]
             if missing:
                 raise InputError(f"{index}: names shard {missing[0].name}, which is missing")
             return shards
-    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin", "*.gguf"):
+    patterns = ("model.safetensors", "diffusion_pytorch_model.safetensors", "*.safetensors", "pytorch_model.bin",
+                "diffusion_pytorch_model.bin", "*.bin", "*.gguf")
+    for pattern in patterns:
         found = sorted(p for p in root.glob(pattern) if not p.name.startswith("adapter_"))
         if found:
             return found[:1] if pattern.endswith(".gguf") else found

@@ -45,23 +45,33 @@ def unorient(W: torch.Tensor, kind: str, stored_shape: tuple[int, ...] | None = 
 def matrix_kinds(ckpt: TensorSource) -> dict[str, str]:
     """Map every 2-D (and 4-D conv) weight of ``ckpt`` to its kind.
 
-    The module classes come from instantiating the model's architecture on the meta device (no
-    memory, no weights, no remote code), so Conv1D and Embedding are known exactly. Without an
-    architecture transformers can build (no config.json, a diffusers config, an unknown or broken
-    ``model_type``) the kinds come from names and shapes: 4-D → Conv2d, 2-D → Linear unless the name
-    says embedding. That guess is refused where it could be wrong — GPT-2-style ``c_attn``/``c_fc``/
-    ``c_proj`` weights may be Conv1D (stored transposed) — and announced with a warning naming the
-    tensors when a ``model_type`` was given but could not be built.
+    Known transformers architectures (``NAME_RULES``) are read from tensor names alone. Others come
+    from instantiating the architecture on the meta device (no memory, no weights, no remote code): a
+    transformers ``model_type`` or a diffusers ``_class_name`` config, so Conv1D and Embedding are
+    known exactly. Without an architecture either library can build the kinds come from names and
+    shapes: 4-D → Conv2d, 2-D → Linear unless the module's own name says embedding. That guess is
+    refused where it could be wrong — GPT-2-style ``c_attn``/``c_fc``/``c_proj`` weights may be Conv1D
+    (stored transposed) — and announced with a warning naming the tensors when a ``model_type`` was
+    given but could not be built. A diffusers pipeline folder (``Checkpoint.components``) is read one
+    component at a time, each with its own config.
     """
+    parts = getattr(ckpt, "components", None) or {"": ckpt.config}
     names = [k for k in ckpt.keys() if k.endswith(".weight") and len(ckpt.shape(k)) in (2, 4)]
-    rule = NAME_RULES.get(ckpt.config.get("model_type", ""))
-    if rule is not None:  # a known architecture: its names say it all, no need to import transformers
-        return {n: _by_name(n, len(ckpt.shape(n)), conv1d=rule == "gpt2") for n in names}
-    by_module, why = _module_kinds(ckpt.config) if ckpt.config else ({}, "no config.json beside the weights")
-    if not by_module:
-        _check_guess(ckpt, names, why)
-        return {n: _by_name(n, len(ckpt.shape(n))) for n in names}
-    return {n: kind for n in names if (kind := _lookup(by_module, n)) is not None}
+    out: dict[str, str] = {}
+    for prefix, config in parts.items():
+        mine = [n for n in names if not prefix or n.startswith(prefix + ".")]
+        local = {n: n[len(prefix) + 1:] if prefix else n for n in mine}
+        rule = NAME_RULES.get((config or {}).get("model_type", ""))
+        if rule is not None:  # a known architecture: its names say it all, no need to import transformers
+            out.update({n: _by_name(local[n], len(ckpt.shape(n)), conv1d=rule == "gpt2") for n in mine})
+            continue
+        by_module, why = _module_kinds(config) if config else ({}, "no config.json beside the weights")
+        if not by_module:
+            _check_guess(ckpt, config or {}, mine, why)
+            out.update({n: _by_name(local[n], len(ckpt.shape(n))) for n in mine})
+            continue
+        out.update({n: kind for n in mine if (kind := _lookup(by_module, local[n])) is not None})
+    return out
 
 
 # Architectures whose layouts follow from tensor names alone ("linear": every 2-D weight is a Linear
@@ -77,14 +87,16 @@ NAME_RULES = {
 
 
 def _by_name(name: str, ndim: int, conv1d: bool = False) -> str:
+    """The kind from a (component-local) tensor name and its number of dimensions."""
     if ndim == 4:
         return "conv2d"
     if conv1d and _CONV1D_NAME.search(name):
         return "conv1d"
-    return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+    module = name.split(".")[-2] if "." in name else name  # "time_embedding.linear_1" is a Linear
+    return "embedding" if _EMBEDDING_NAME.search(module) else "linear"
 
 
-def _check_guess(ckpt: TensorSource, names: list[str], why: str) -> None:
+def _check_guess(ckpt: TensorSource, config: dict, names: list[str], why: str) -> None:
     """Refuse or announce a layout guessed from names (see ``matrix_kinds``)."""
     ambiguous = [n for n in names if len(ckpt.shape(n)) == 2 and _CONV1D_NAME.search(n)]
     if ambiguous:
@@ -93,7 +105,7 @@ def _check_guess(ckpt: TensorSource, names: list[str], why: str) -> None:
             f"GPT-2 Conv1D weight (stored transposed), because the architecture is unknown: {why}. Pass the model "
             "folder with a config.json that transformers can build"
         )
-    if ckpt.config.get("model_type"):
+    if config.get("model_type"):
         shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
             f"{ckpt.root}: {why}; the layouts of {len(names)} matrices ({shown}) are taken from their names and "
@@ -108,11 +120,15 @@ class LayoutWarning(UserWarning):
 def _module_kinds(config: dict) -> tuple[dict[str, str], str]:
     """({parameter-name suffix: kind} from a meta-device instance of the architecture, ""), or
     ({}, why not)."""
+    if "_class_name" in config and "model_type" not in config:  # a diffusers model (UNet, DiT, VAE, …)
+        model = _diffusers_meta_model(config)
+        if model is None:
+            return {}, f"diffusers cannot build '{config['_class_name']}'"
+        return _index_kinds(model), ""
     if not config.get("model_type"):
         return {}, "its config.json names no transformers model_type"
     try:
         import transformers
-        from transformers.pytorch_utils import Conv1D
 
         cfg_cls = transformers.AutoConfig.for_model(config["model_type"])
         cfg = cfg_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
@@ -123,6 +139,24 @@ def _module_kinds(config: dict) -> tuple[dict[str, str], str]:
     except Exception as e:  # unknown, custom or broken architecture: names, checked by _check_guess
         detail = " ".join(str(e).split())  # one line, however the library formats it
         return {}, f"transformers cannot build model_type '{config.get('model_type')}' ({type(e).__name__}: {detail})"
+    return _index_kinds(model), ""
+
+
+def _diffusers_meta_model(config: dict):
+    """A meta-device instance of a diffusers model class from its config, or None."""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, config["_class_name"])
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception:  # diffusers missing, or a class it does not know: fall back to names
+        return None
+
+
+def _index_kinds(model: torch.nn.Module) -> dict[str, str]:
+    from transformers.pytorch_utils import Conv1D
+
     kinds: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         if isinstance(module, Conv1D):
@@ -148,7 +182,7 @@ def _module_kinds(config: dict) -> tuple[dict[str, str], str]:
             index.setdefault(suffix, kind)
     for s in clash:
         index.pop(s, None)
-    return index, ""
+    return index
 
 
 def _lookup(index: dict[str, str], name: str) -> str | None:
@@ -160,30 +194,47 @@ def _lookup(index: dict[str, str], name: str) -> str | None:
     return None
 
 
-def _prefixes(keys: Iterable[str]) -> Counter:
-    c: Counter = Counter({"": 0})
-    for k in keys:
-        parts = k.split(".")
-        for depth in (1, 2):
-            if len(parts) > depth + 1:
-                c[".".join(parts[:depth]) + "."] += 1
-    return c
+def _strips(name: str) -> list[tuple[str, str]]:
+    """(prefix, rest) for each way to cut the first 0, 1 or 2 components off a name (always leaving two)."""
+    parts = name.split(".")
+    out = [("", name)]
+    for depth in (1, 2):
+        if len(parts) > depth + 1:
+            out.append((".".join(parts[:depth]) + ".", ".".join(parts[depth:])))
+    return out
 
 
 def align_names(base_keys: Iterable[str], tuned_keys: Iterable[str]) -> dict[str, str]:
-    """Map tuned names to base names when the two checkpoints wrap the same backbone differently
-    (e.g. ``bert.encoder.…`` in a classifier against ``encoder.…`` in the bare model, or PEFT's
-    module paths against checkpoint keys). Tries every (strip, add) pair of leading components and
-    keeps the one that pairs the most names; names that pair under neither are left out."""
+    """Map tuned names to base names.
+
+    Identical names always pair. The rest are paired when the two checkpoints wrap the same backbone
+    differently (``bert.encoder.…`` in a classifier against ``encoder.…`` in the bare model, PEFT's
+    module paths against checkpoint keys, ``unet.…`` in a pipeline against a bare UNet): of every
+    (strip, add) pair of up to two leading components, the one that pairs the most of the remaining
+    names is used. Each base name pairs at most once; names that pair under neither are left out."""
     base = set(base_keys)
-    tuned = list(tuned_keys)
-    tuned_prefixes = [p for p, _ in _prefixes(tuned).most_common(8)]
-    base_prefixes = [p for p, _ in _prefixes(base).most_common(8)]
-    best: tuple[int, str, str] = (-1, "", "")
-    for pt in tuned_prefixes:
-        for pb in base_prefixes:
-            n = sum(1 for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base)
-            if n > best[0]:
-                best = (n, pt, pb)
-    _, pt, pb = best
-    return {k: pb + k[len(pt):] for k in tuned if k.startswith(pt) and pb + k[len(pt):] in base}
+    tuned = list(dict.fromkeys(tuned_keys))
+    mapping = {k: k for k in tuned if k in base}
+    rest = [k for k in tuned if k not in mapping]
+    free = base - set(mapping)
+    if not rest or not free:
+        return mapping
+    added: dict[str, list[str]] = {}  # rest of a free base name -> the prefixes it can be cut at
+    for b in free:
+        for pb, tail in _strips(b):
+            added.setdefault(tail, []).append(pb)
+    votes: Counter = Counter()
+    for k in rest:
+        for pt, tail in _strips(k):
+            for pb in added.get(tail, ()):
+                if pt != pb:
+                    votes[(pt, pb)] += 1
+    if not votes:
+        return mapping
+    # most names first; on a tie the shortest change, then the alphabet (the same answer every time)
+    (pt, pb), _ = min(votes.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
+    for k in rest:
+        if k.startswith(pt) and (b := pb + k[len(pt):]) in free:
+            mapping[k] = b
+            free.discard(b)
+    return mapping

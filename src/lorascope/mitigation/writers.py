@@ -167,6 +167,9 @@ def write_merged(run: Run, pairs: list[MatrixPair], tmp: Path):
         merge_only = {b: MatrixPair(b, kinds[b], ref) for b, ref in mapping.items() if b not in selected}
         taken = {ref[len("saved:"):] for ref in mapping.values() if ref.startswith("saved:")}
         dropped = sorted(set(getattr(run.tuned, "_saved", {})) - taken)
+    if getattr(src, "components", None):  # shards of unet/, vae/, … share file names: one folder cannot hold them
+        raise InputError(f"{src.root}: merged output of a diffusers pipeline folder is not supported; pass its "
+                         "component folder (e.g. unet/) as the base")
     if any(f.suffix == ".gguf" for f in set(map(src.file_of, src.keys()))):
         raise InputError(f"{src.root}: merged output from a .gguf checkpoint is not supported")
 

@@ -15,13 +15,17 @@ from pathlib import Path
 from lorascope.errors import InputError
 from lorascope.io.checkpoint import resolve_path
 from lorascope.io.tuned.base import Probe, TunedSource, replacement_delta
+from lorascope.io.tuned.diffusers import DiffusersLora
 from lorascope.io.tuned.full import FullCheckpoint
 from lorascope.io.tuned.kohya import KohyaLora
+from lorascope.io.tuned.lyco import LycorisFile
 from lorascope.io.tuned.peft import PeftAdapter
 
 FORMATS: list[type[TunedSource]] = [
     PeftAdapter,  # a folder with adapter_config.json
+    LycorisFile,  # kohya-named LoHa / LoKr / Tucker LoCon / full-diff tensors (before KohyaLora: LoCon has lora_down)
     KohyaLora,  # one file of lora_down / lora_up / alpha tensors
+    DiffusersLora,  # unet.… / transformer.… / text_encoder.… lora_A / lora_B (or old lora.down / lora.up)
     FullCheckpoint,  # last: any other checkpoint is a full fine-tune
 ]
 
@@ -63,5 +67,5 @@ def open_tuned(spec: str | os.PathLike) -> TunedSource:
     raise AssertionError("FullCheckpoint accepts every input")  # unreachable: the last format sniffs True
 
 
-__all__ = ["FORMATS", "FullCheckpoint", "KohyaLora", "PeftAdapter", "Probe", "TunedSource", "expand_specs",
-           "open_tuned", "replacement_delta"]
+__all__ = ["FORMATS", "DiffusersLora", "FullCheckpoint", "KohyaLora", "LycorisFile", "PeftAdapter", "Probe",
+           "TunedSource", "expand_specs", "open_tuned", "replacement_delta"]

@@ -6,14 +6,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from lorascope.errors import MismatchError
+from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, TensorSource, require_real
 from lorascope.io.layout import orient
 
 if TYPE_CHECKING:
     import torch
 
-    from lorascope.spectral.operators import Delta
+    from lorascope.spectral.operators import Delta, LowRankDelta
 
 
 class Probe:
@@ -39,7 +39,8 @@ class TunedSource(Protocol):
     """
 
     format: ClassVar[str]  # the name in messages and docs/inputs.md
-    kind: str  # "full" (ΔW = W_t − W_0), "lora" (plain low-rank factors) or "peft" (PEFT's own merge)
+    kind: str  # "full" (ΔW = W_t − W_0), "lora" (plain low-rank factors), "peft" (PEFT's own merge)
+    # or "lycoris" (LyCORIS factors: ΔW built densely per matrix)
     description: str
     root: Path  # the input, for the guard that no output is written into it
     unpaired: list[str]
@@ -66,3 +67,33 @@ def replacement_delta(ckpt: TensorSource, name: str, W0: torch.Tensor, kind: str
             f"matrix has {tuple(W0.shape)}"
         )
     return Wt - W0
+
+
+def lowrank_delta(up: torch.Tensor, down: torch.Tensor, scale: float, W0: torch.Tensor, source: str,
+                  ref: str) -> LowRankDelta:
+    """ΔW = scale · up @ down from LoRA factors in any stored layout (Linear: (out, r) and (r, in);
+    Conv2d: (out, r, 1, 1) and (r, in, kh, kw)), checked against the base matrix W0 (out, in·kh·kw)."""
+    from lorascope.spectral.operators import LowRankDelta
+
+    r = down.shape[0] if down.dim() else 0
+    if up.dim() < 2 or down.dim() < 2 or up.numel() != up.shape[0] * r:
+        raise InputError(
+            f"{source}: the factors of '{ref}' have shapes {tuple(up.shape)} (up) and {tuple(down.shape)} "
+            "(down), which do not multiply"
+        )
+    B = up.reshape(up.shape[0], r).to(W0.device, W0.dtype)
+    A = down.reshape(r, -1).to(W0.device, W0.dtype)
+    d = LowRankDelta(B, A, scale)
+    if d.shape != tuple(W0.shape):
+        raise MismatchError(
+            f"{source}: '{ref}' gives ΔW of shape {d.shape} but the base matrix is {tuple(W0.shape)}: wrong base?"
+        )
+    return d
+
+
+def scalar(ckpt: TensorSource, key: str) -> float:
+    """A one-element tensor (an ``alpha``) as a float; InputError naming the file and tensor otherwise."""
+    t = ckpt.get(key)
+    if t.numel() != 1:
+        raise InputError(f"{ckpt.file_of(key)}: tensor '{key}' should hold one number but has shape {tuple(t.shape)}")
+    return float(t.reshape(()))

@@ -3,8 +3,12 @@
 One ``.safetensors`` file with, per module, ``{name}.lora_down.weight`` (r × in[, kh, kw]),
 ``{name}.lora_up.weight`` (out × r[, 1, 1]) and an optional scalar ``{name}.alpha``. ``name`` is the
 module path with dots replaced by underscores behind a component prefix: ``lora_unet_`` for the
-UNet (or DiT), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoders. The update is
-ΔW = (alpha / r) · up @ down, with conv weights flattened to (out, in·kh·kw) (LoCon).
+UNet (or DiT), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for text encoders (``io.tuned.components``
+pairs them with a one-model base or with the components of a diffusers pipeline folder). The update
+is ΔW = (alpha / r) · up @ down, with conv weights flattened to (out, in·kh·kw) (LoCon). DyLoRA as
+kohya sd-scripts writes it is this format too (its rank blocks concatenated into lora_down/lora_up,
+merged at full rank with alpha / r). Files with LyCORIS tensors (LoHa, LoKr, Tucker LoCon, …) are
+read by ``io.tuned.lyco``, which comes first in the registry.
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ import torch
 
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.checkpoint import Checkpoint, TensorSource
-from lorascope.io.tuned.base import Probe
-from lorascope.spectral.operators import Delta, LowRankDelta
-
-PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
+from lorascope.io.tuned.base import Probe, lowrank_delta, scalar
+from lorascope.io.tuned.components import flat, kohya_split, pair_modules
+from lorascope.spectral.operators import Delta
 
 
 class KohyaLora:
@@ -37,8 +40,7 @@ class KohyaLora:
                                                                    ".alpha"))]
         if other:
             raise InputError(
-                f"{path}: tensor '{other[0]}' is not plain LoRA (lora_down/lora_up/alpha); LyCORIS "
-                "variants (LoHa, LoKr, DoRA) in kohya files are not supported"
+                f"{path}: tensor '{other[0]}' is not a kohya LoRA tensor (lora_down.weight, lora_up.weight, alpha)"
             )
         for k in self.weights.keys():
             if k.endswith(".lora_down.weight"):
@@ -54,14 +56,11 @@ class KohyaLora:
         return cls(probe.path, probe.ckpt)
 
     def pair(self, base: TensorSource, base_kinds: dict[str, str]) -> dict[str, str]:
-        flat = {name[: -len(".weight")].replace(".", "_"): name for name in base_kinds}
-        out: dict[str, str] = {}
+        modules = {}
         for stem in self.modules:
-            module = next((stem[len(p):] for p in PREFIXES if stem.startswith(p)), stem)
-            if module in flat:
-                out[flat[module]] = stem
-            else:
-                self.unpaired.append(stem)
+            comps, module = kohya_split(stem)
+            modules[stem] = (comps, [module])
+        out, self.unpaired = pair_modules(modules, base, base_kinds, key=flat, source=self.description)
         if not out:
             raise MismatchError(
                 f"{self.description}: none of its {len(self.modules)} LoRA modules (e.g. "
@@ -78,13 +77,5 @@ class KohyaLora:
         up = self.weights.get(f"{ref}.lora_up.weight")
         r = down.shape[0]
         alpha_key = f"{ref}.alpha"
-        alpha = float(self.weights.get(alpha_key)) if alpha_key in self.weights else float(r)
-        B = up.reshape(up.shape[0], r).to(W0.device, W0.dtype)
-        A = down.reshape(r, -1).to(W0.device, W0.dtype)
-        d = LowRankDelta(B, A, alpha / r)
-        if d.shape != tuple(W0.shape):
-            raise MismatchError(
-                f"{self.description}: LoRA '{ref}' gives ΔW of shape {d.shape} but the base matrix is "
-                f"{tuple(W0.shape)}: wrong base?"
-            )
-        return d
+        alpha = scalar(self.weights, alpha_key) if alpha_key in self.weights else float(r)
+        return lowrank_delta(up, down, alpha / r, W0, self.description, ref)
