@@ -805,9 +805,8 @@ class Bench:
         self.store("eigh-floor", {"s_per_matrix_by_threads": floor})
 
     def row_families(self) -> None:
-        fams = self.report.setdefault("families", {})
         for fam in bench_spectra.expand(self.args.families):
-            fams[fam] = Family(self, fam).run()
+            Family(self, fam).run()
             self.save()
         self.rows_done.add("families")
 
@@ -833,12 +832,14 @@ class Family:
         b.warm_up(self.model)
         entry: dict = {"layers_scanned": L, "projected_to_layers": b.layers, "model": str(self.model),
                        "esd_powerlaw_fit_layer0": esd_fits(self.model, b.cfg, b.device)}
+        b.report.setdefault("families", {})[self.family] = entry  # saved as it fills
         print(f"[{self.family}] ESD power-law α (layer 0): " + ", ".join(
             f"{m} {f['alpha']:.2f}" for m, f in entry["esd_powerlaw_fit_layer0"].items() if f["alpha"]), flush=True)
-        calls, results = self.calls()
-        entry["calls"] = calls
+        calls, results = self.calls(entry)
         entry["projected_wall_s"] = {row: self.project(c) for row, c in calls.items()}
+        b.save()
         entry["baseline"] = self.baselines()
+        b.save()
         entry["max_err_vs_fp64"] = {row: max_err_vs_fp64(res, self.model, "full" if row == "full" else "lora", b.device)
                                     for row, res in results.items()}
         entry["krylov_steps"] = krylov_steps(self.model, b.cfg, L, b.device)
@@ -860,10 +861,10 @@ class Family:
             shutil.rmtree(self.dir / f"cache-{tag}", ignore_errors=True)
         return entry
 
-    def calls(self) -> tuple[dict, dict]:
+    def calls(self, entry: dict) -> tuple[dict, dict]:
         """Two CLI calls per row: layer 0 only ('1') and all L layers ('L'); results of the latter."""
         b = self.b
-        calls: dict = {}
+        calls: dict = entry.setdefault("calls", {})
         results = {}
         for row, tuned, cached in (("lora", "lora", None), ("full", "full", None), ("fill", "lora", "fill"),
                                    ("cached", "lora", "cached")):
@@ -876,6 +877,7 @@ class Family:
                                        modules=layer_regex(n_layers))
                 print_call(f"{self.family} {row}, {n_layers} layer(s)", c)
                 calls.setdefault(row, {})[tag] = c
+                b.save()
                 if tag == "L":
                     results[row] = res[0]
         return calls, results
@@ -929,7 +931,7 @@ def target_table(report: dict) -> list[dict]:
                       "value": value, "met": met})
 
     for row in ("lora", "fill", "cached", "full", "many", "mitigate"):
-        if row in rows:
+        if row in rows and rows[row].get("command"):  # a CLI call (in-process rows have no fixed cost)
             add(f"fixed cost, {row} (wall − timing.seconds)", rows[row]["fixed_s"], TARGETS["fixed_s"], False, "s")
     slice_note = "" if report.get("layers") == SHAPES.get(report.get("shape"), {}).get("layers") else \
         f" [{report.get('shape')}, {report.get('layers')} layers]"
@@ -949,14 +951,18 @@ def target_table(report: dict) -> list[dict]:
             add("mitigate vs PEFT reduce_intruder_dimension", m["peft_projected_vs_mitigate_wall"],
                 TARGETS["mitigate_vs_peft"], True)
     for fam, f in report.get("families", {}).items():
+        if "ratios" not in f:  # cut short
+            continue
         r = f["ratios"]
         tag = f"family {fam} (projected from {f['layers_scanned']} layers)"
         add(f"{tag}: lora", r["lora"], TARGETS["lora"], True)
         add(f"{tag}: cached", r["cached"], TARGETS["cached"], True)
         add(f"{tag}: full", r["full"], TARGETS["full"], True)
         add(f"{tag}: fill vs lora", r["fill"], TARGETS["fill"], False)
-        add(f"family {fam}: fixed cost, max of {sum(len(c) for c in f['calls'].values())} calls",
-            max(c["fixed_s"] for cs in f["calls"].values() for c in cs.values()), TARGETS["fixed_s"], False, "s")
+        cli = [c for cs in f["calls"].values() for c in cs.values() if c.get("command")]
+        if cli:
+            add(f"family {fam}: fixed cost, max of {len(cli)} calls", max(c["fixed_s"] for c in cli),
+                TARGETS["fixed_s"], False, "s")
     return table
 
 
@@ -969,6 +975,8 @@ def print_table(report: dict) -> None:
         for r, e in calls:
             print(f"{r:10s} {e['wall_s']:8.2f} {e['scan_s']:13.2f} {e['fixed_s']:8.2f}")
     for fam, f in report.get("families", {}).items():
+        if "ratios" not in f:
+            continue
         st = f["krylov_steps"]
         print(f"family {fam:9s} Krylov steps " + "; ".join(
             f"{k}: " + " ".join(f"{s}×{c}" for s, c in v["histogram"].items()) + f" (exact route {v['exact_route']})"
