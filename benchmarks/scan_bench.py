@@ -768,14 +768,17 @@ class Bench:
         entry, results = self.runner.scan("many", self.root / "base", [self.root / "lora", *extra])
         print_call(f"many: {n} adapters", entry)
         after_first = entry["wall_s"] - lora["wall_s"]
+        in_scan = entry["scan_s"] - lora["scan_s"]  # the same without the two processes' start-up
         entry |= {"adapters": n, "first_scan_wall_s": lora["wall_s"], "after_first_s": after_first,
-                  "adapters_per_minute": 60 * (n - 1) / after_first if after_first > 0 else float("inf")}
+                  "adapters_per_minute": 60 * (n - 1) / after_first if after_first > 0 else None,
+                  "adapters_per_minute_in_scan": 60 * (n - 1) / in_scan if in_scan > 0 else None}
         lora_result = self.result_of("lora")
         if lora_result is not None:  # the batch gives each input the records of its own scan
             entry["first_adapter_max_cos_diff_vs_lora_row"] = max_cos_diff(lora_result, results[0])
         entry["intruders_per_adapter"] = [r.summary()["sides"]["left"]["n_intruders"] for r in results]
-        print(f"[many] {entry['adapters_per_minute']:.1f} adapters per minute after the first "
-              f"({after_first:.2f} s for {n - 1})", flush=True)
+        print(f"[many] adapters per minute after the first: {entry['adapters_per_minute']} by wall clock "
+              f"({after_first:.2f} s for {n - 1}; None: the batch took less than the first scan, noise), "
+              f"{entry['adapters_per_minute_in_scan']} by in-scan seconds", flush=True)
         self.store("many", entry)
 
     def row_mitigate(self) -> None:
@@ -942,8 +945,11 @@ def target_table(report: dict) -> list[dict]:
     if "fill" in rows and "lora" in rows:
         add("fill vs lora first scan (wall)", rows["fill"]["wall_s"] / rows["lora"]["wall_s"], TARGETS["fill"], False)
     if "many" in rows:
-        add(f"many: adapters per minute after the first (n = {rows['many']['adapters']})",
-            rows["many"]["adapters_per_minute"], TARGETS["many_per_min"], True, "/min")
+        n = rows["many"]["adapters"]
+        add(f"many: adapters per minute after the first (n = {n})", rows["many"]["adapters_per_minute"],
+            TARGETS["many_per_min"], True, "/min")
+        add(f"many: the same from in-scan seconds (n = {n})", rows["many"].get("adapters_per_minute_in_scan"),
+            TARGETS["many_per_min"], True, "/min")
     if "mitigate" in rows:
         m = rows["mitigate"]
         add("mitigate vs lora first scan (wall)", m["vs_lora_wall"], TARGETS["mitigate_vs_lora"], False)
