@@ -776,9 +776,12 @@ class Bench:
         if lora_result is not None:  # the batch gives each input the records of its own scan
             entry["first_adapter_max_cos_diff_vs_lora_row"] = max_cos_diff(lora_result, results[0])
         entry["intruders_per_adapter"] = [r.summary()["sides"]["left"]["n_intruders"] for r in results]
-        print(f"[many] adapters per minute after the first: {entry['adapters_per_minute']} by wall clock "
-              f"({after_first:.2f} s for {n - 1}; None: the batch took less than the first scan, noise), "
-              f"{entry['adapters_per_minute_in_scan']} by in-scan seconds", flush=True)
+        def rate(x: float | None) -> str:
+            return "n/a (the batch took less than the first scan: noise)" if x is None else f"{x:.1f}"
+
+        print(f"[many] adapters per minute after the first: {rate(entry['adapters_per_minute'])} by wall clock "
+              f"({after_first:.2f} s for {n - 1}), {rate(entry['adapters_per_minute_in_scan'])} by in-scan seconds",
+              flush=True)
         self.store("many", entry)
 
     def row_mitigate(self) -> None:
