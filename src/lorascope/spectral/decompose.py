@@ -21,12 +21,14 @@ _GRAM_BLOCK = {"cpu": 1 << 24, "cuda": 1 << 28}  # elements of W made float64 at
 @dataclass
 class SVD:
     """Thin SVD pieces: W ≈ U diag(S) Vᵀ, singular values descending. ``exact`` tells whether the
-    triplets came from a full decomposition or from converged subspace iteration."""
+    triplets came from a full decomposition or from converged subspace iteration; ``steps``: the
+    Krylov steps ``top_k`` took (0 when it went to the exact route at once)."""
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor | None = None
     exact: bool = True
+    steps: int = 0
 
 
 def left_basis(W: torch.Tensor, block: int | None = None) -> SVD:
@@ -139,7 +141,8 @@ def top_k(
     Q = _orth(Q)
     Qs, Zs, Ys = [Q], [], []
     floor = torch.finfo(dtype).eps * max(m, n) ** 0.5
-    for _ in range(max_iter):
+    step = 0
+    for step in range(1, max_iter + 1):
         Zs.append(op.rmm(Qs[-1]))  # W_tᵀ Q_i
         Ys.append(op.mm(Zs[-1]))  # W_t W_tᵀ Q_i
         Qb, Z, Y = torch.cat(Qs, 1), torch.cat(Zs, 1), torch.cat(Ys, 1)
@@ -154,12 +157,14 @@ def top_k(
         residual = ((Y @ Uk) / Sk - U * Sk).norm(dim=0).double()
         gaps = _gaps(ritz, k)
         if bool((residual <= torch.maximum(tol * gaps, floor * ritz[0])).all()):
-            return SVD(U=U, S=S.to(dtype), V=(Z @ Uk) / Sk, exact=False)
+            return SVD(U=U, S=S.to(dtype), V=(Z @ Uk) / Sk, exact=False, steps=step)
         if Qb.shape[1] + width > min(m, n) // 2:
             break
         nxt = _orth(Ys[-1] - Qb @ (Qb.T @ Ys[-1]))  # block Gram–Schmidt, repeated after normalising
         Qs.append(_orth(nxt - Qb @ (Qb.T @ nxt)))  # so the new block stays orthogonal in float32
-    return exact_top_k(op.dense(), k)
+    fallback = exact_top_k(op.dense(), k)
+    fallback.steps = step
+    return fallback
 
 
 def _gaps(s: torch.Tensor, k: int) -> torch.Tensor:
