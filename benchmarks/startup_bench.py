@@ -46,7 +46,7 @@ def main() -> None:
     rows = {}
     for name, cmd in CASES.items():
         times: dict[str, list[float]] = {s: [] for s in sides}
-        for s, src in sides.items():
+        for src in sides.values():
             once(cmd, src)  # warm the page cache and .pyc files: what a second call sees
         for _ in range(args.repeat):
             for s, src in sides.items():  # interleaved: both sides see the same load
