@@ -16,8 +16,11 @@ Formats, in order of preference:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +73,10 @@ class TensorSource(Protocol):
         """Whether ``get`` returns a new tensor each call (the caller may then change it in place)."""
         ...
 
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        """``get`` without the finiteness check, into page-locked memory where the source can."""
+        ...
+
 
 class Checkpoint:
     """Read-only, lazy view of one checkpoint's tensors by name (a ``TensorSource``)."""
@@ -80,6 +87,8 @@ class Checkpoint:
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._handles: dict[Path, object] = {}
         self._gguf: dict[Path, Any] = {}  # GGUF files (io.gguf.GGUFFile)
+        self._locations: dict[Path, dict[str, TensorLocation]] = {}  # safetensors byte ranges, parsed once
+        self._lock = threading.Lock()
         self._state: dict[str, torch.Tensor] | None = None  # for formats that cannot be read lazily
         self._stored: dict[str, str] = {}  # pipeline tensor name -> its name in the component's file
         self.config: dict = {}
@@ -196,6 +205,20 @@ class Checkpoint:
             return self._gguf[f].shape(stored)
         return tuple(self._state[stored].shape)
 
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        """A safetensors tensor by positioned reads into a fresh (``pin``: page-locked) buffer; other
+        formats through ``get``."""
+        f, stored = self._where[name], self._stored.get(name, name)
+        if f not in self._handles:
+            return self.get(name, check_finite=False)
+        with self._lock:
+            if f not in self._locations:
+                self._locations[f] = safetensors_header(f)
+        loc = self._locations[f].get(stored)
+        if loc is None:  # a dtype torch cannot view raw bytes as (fp8 and friends): the library reads it
+            return self._handles[f].get_tensor(stored)
+        return read_location(loc, pin)[0]
+
     def metadata(self) -> dict[str, str]:
         """The ``__metadata__`` of a single safetensors file (kohya files keep their training notes there)."""
         return dict(next(iter(self._handles.values())).metadata() or {}) if len(self._handles) == 1 else {}
@@ -210,7 +233,7 @@ class Checkpoint:
             raise InputError(f"{self.root}: no tensor named '{name}'")
         f, stored = self._where[name], self._stored.get(name, name)
         if f in self._handles:
-            t = self._handles[f].get_tensor(stored)
+            t = self.read(name)
         elif f in self._gguf:
             t = self._gguf[f].get(stored)
         else:
@@ -243,6 +266,9 @@ class MemoryCheckpoint:
     def fresh(self, name: str) -> bool:
         return False  # the live parameter itself: never to be changed
 
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        return self.get(name, check_finite=False)
+
     def get(self, name: str, check_finite: bool = True) -> torch.Tensor:
         t = self._state[name].detach()
         if check_finite:
@@ -266,6 +292,78 @@ def require_finite(t: torch.Tensor, file: Path | str, name: str) -> None:
         raise NonFiniteError(f"{file}: tensor '{name}' holds NaN or Inf values")
 
 
+# -- positioned reads of safetensors files ------------------------------------------------------
+# safetensors' own readers are not used for the bytes of big tensors: its memory map counts every
+# page touched in the process's resident set (an 8 GB pair shows 8 GB RSS), and its pread backend
+# (0.8) read at 0.5 GB/s here and held the GIL, so reader threads could not overlap: a cached 7B scan
+# took 23 s on an H200 against 3 s with the plain reads below (docs/performance.md).
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+# -- reading tensors ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def safetensors_header(path: Path) -> dict[str, TensorLocation]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) and check every entry
+    against the file size, so a truncated or malformed file fails here with its name."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100_000_000):
+            raise InputError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise InputError(f"{path}: not a safetensors file (unreadable header: {e})") from e
+    out: dict[str, TensorLocation] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        begin, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        if dtype is None:
+            continue  # fp8 and friends: read through Checkpoint.get instead
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if end - begin != math.prod(shape) * itemsize or 8 + n + end > size or begin < 0:
+            raise InputError(f"{path}: tensor '{name}' has byte range {begin}..{end}, which does not fit "
+                             f"its shape {list(shape)} or the file ({size} bytes)")
+        out[name] = TensorLocation(path, name, dtype, shape, 8 + n + begin, end - begin)
+    return out
+
+
+def read_location(loc: TensorLocation, pin: bool = False) -> tuple[torch.Tensor, memoryview]:
+    """Read one tensor's bytes with plain reads (no mmap) into a fresh, optionally pinned, buffer."""
+    buf = torch.empty(loc.nbytes, dtype=torch.uint8, pin_memory=pin)
+    view = memoryview(buf.numpy()) if loc.nbytes else memoryview(bytearray())
+    with open(loc.file, "rb", buffering=0) as f:
+        f.seek(loc.offset)
+        done = 0
+        while done < loc.nbytes:  # a raw read may return fewer bytes than asked: loop until complete
+            got = f.readinto(view[done:])
+            if not got:
+                raise InputError(f"{loc.file}: tensor '{loc.name}' is truncated (the file ends early)")
+            done += got
+    return buf.view(loc.dtype).reshape(loc.shape), view
+
+
 def _torch_load(f: Path) -> Any:
     """A pickled checkpoint through ``torch.load(weights_only=True)`` (no code runs): memory-mapped when
     it is a zip archive (torch ≥ 1.6), read whole when it is the legacy format, which cannot be mapped."""
@@ -280,14 +378,10 @@ def _torch_load(f: Path) -> Any:
 
 
 def open_safetensors(f: Path):
-    """safetensors' lazy reader over plain positioned reads (``backend="pread"``, safetensors ≥ 0.8):
-    no memory map, so a scan's resident memory stays near one matrix pair, not the file size. The
-    library checks the header and every tensor's byte range against the file when it opens."""
+    """safetensors' lazy reader, for names, shapes and dtypes (the library checks the header and every
+    tensor's byte range against the file when it opens); bytes are read by ``Checkpoint.read``."""
     try:
-        try:
-            return safe_open(str(f), framework="pt", backend="pread")
-        except TypeError:  # safetensors < 0.8 has no backend argument: memory-mapped reads
-            return safe_open(str(f), framework="pt")
+        return safe_open(str(f), framework="pt")
     except Exception as e:
         raise InputError(f"{f}: not a readable safetensors file ({e})") from e
 

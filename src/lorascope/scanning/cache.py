@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import TensorSource, open_safetensors
+from lorascope.io.checkpoint import TensorSource, read_location, safetensors_header
 from lorascope.io.layout import orient
 from lorascope.io.writers import atomic_write_bytes
 from lorascope.spectral import SVD, left_basis
@@ -128,13 +128,13 @@ class BasisCache:
     def _path(self, key: str) -> Path:
         return self.root / "bases" / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, shape: tuple[int, int]) -> SVD | None:
+    def load(self, key: str, shape: tuple[int, int], pin: bool = False) -> SVD | None:
         """The stored basis (U float16, S float64, on CPU) or None; a damaged entry counts as a miss."""
         path = self._path(key)
         m, n = shape
         try:
-            f = open_safetensors(path)
-            U, S = f.get_tensor("U"), f.get_tensor("S")
+            locations = safetensors_header(path)
+            U, S = read_location(locations["U"], pin)[0], read_location(locations["S"], pin)[0]
             if tuple(U.shape) != (m, min(m, n)) or tuple(S.shape) != (min(m, n),):
                 raise ValueError(f"stored shapes {tuple(U.shape)}, {tuple(S.shape)} do not fit {shape}")
         except Exception:  # unreadable, truncated or foreign: a miss, recomputed and rewritten
@@ -213,7 +213,7 @@ class ScanHook:
         for side in self.sides:
             key = self.cache.entry_key(digest, kind, side, self.dtype)
             out["keys"][side] = key
-            hit = self.cache.load(key, (m, n) if side == "left" else (n, m))
+            hit = self.cache.load(key, (m, n) if side == "left" else (n, m), pin=W0.is_pinned())
             if hit is not None:
                 out["hits"][side] = hit
         return out

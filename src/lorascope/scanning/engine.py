@@ -107,14 +107,15 @@ class PairLoader:
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, job: Job) -> Loaded:
-        W0 = self.base.get(job.name, check_finite=False)
+        pin = self.copy_stream is not None  # page-locked host buffers: asynchronous copies to the GPU
+        W0 = self.base.read(job.name, pin)
         item = Loaded(job, W0, self.base.file_of(job.name))
         if self.cache_hook is not None:
             item.extra = self.cache_hook.prefetch(self.base, job.name, job.kind, W0)
         for i, ref in job.refs:
             src = self.sources[i]
             if src.kind == "full":  # read W_t here too, ahead of the arithmetic
-                Wt = src.ckpt.get(ref, check_finite=False)
+                Wt = src.ckpt.read(ref, pin)
                 item.Wt[i] = Wt
                 # in place only on a copy of ours: never on a live model's weights or a mapped .bin
                 item.wt_owned[i] = src.ckpt.fresh(ref) or (self.copy_stream is not None and not Wt.is_cuda)
