@@ -332,7 +332,7 @@ def _run_mitigate(u: Unit, folder: Path, store: Store):
     """Scale by λ (Eq. 1) or the neighbour control (Eq. 2); a derived run folder makes the result loadable
     like any run (``run.json`` of the fine-tune, the new weights, its tokenizer)."""
     from lorascope.mitigate import mitigate
-    from lorascope.train import read_run
+    from lorascope.models import read_run
 
     source = store.unit_dir(u.deps[0]) / "run"
     run = read_run(source)
@@ -383,7 +383,8 @@ def stage_model(store: Store, key: str) -> Path:
 
 
 def _run_continual(u: Unit, folder: Path, store: Store):
-    from lorascope.train import TrainConfig, merge_lora, train
+    from lorascope.models import merge_lora
+    from lorascope.train import TrainConfig, train
 
     base = u.params["base"]
     start = base if not u.deps else str(stage_model(store, u.deps[-1]))
@@ -412,12 +413,11 @@ def _run_continual(u: Unit, folder: Path, store: Store):
 def head_score(head_run: Path, backbone_run: Path, task: str, max_examples: int | None, max_length: int,
                device: str) -> tuple[str, float]:
     """A task's test score with the head trained on it (``head_run``) on another stage's backbone
-    (``lorascope.train.transplant``): how much of task j survives the later stages."""
-    from lorascope.evaluate.metrics import predict, task_score
-    from lorascope.train import load_task, load_trained, transplant
-    from lorascope.train.data import subsample
-    from lorascope.train.features import encode_classification, pad_id_of
-    from lorascope.train.recipes import resolve_device
+    (``lorascope.models.transplant``): how much of task j survives the later stages."""
+    from lorascope.data import load_task, subsample
+    from lorascope.evaluate.metrics import score_examples
+    from lorascope.models import load_trained, transplant
+    from lorascope.runtime import resolve_device
 
     dev = resolve_device(device)
     head, tokenizer = load_trained(head_run, device=dev)
@@ -425,8 +425,7 @@ def head_score(head_run: Path, backbone_run: Path, task: str, max_examples: int 
     model = transplant(head, donor).to(dev)
     data = load_task(task)
     test = subsample(data.test, max_examples)
-    logits = predict(model, encode_classification(test, tokenizer, max_length), pad_id_of(tokenizer), 32, dev)
-    return task_score(logits, [e.label for e in test], data.kind)
+    return score_examples(model, tokenizer, test, data.kind, max_length, 32, dev)
 
 
 # ------------------------------------------------------------------------------------------ derived
