@@ -31,7 +31,7 @@ from lorascope.experiments import (
     run_experiment,
     studies,
 )
-from lorascope.experiments.config import parse_alpha
+from lorascope.experiments.arms import parse_alpha
 from lorascope.experiments.store import Store
 from lorascope.experiments.tiny import write_tiny_assets
 from lorascope.report.loader import load as load_report
@@ -131,6 +131,44 @@ def test_bad_configs(assets, mutate, message):
     mutate(raw)
     with pytest.raises(InputError, match=message):
         parse_config(raw, assets)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["forgetting"].update(metric=["sts"]), r"f\.toml \[forgetting\]: unknown key\(s\) \['metric'\]"),
+    (lambda r: r["grid"].update(rank=[1]), r"f\.toml \[grid\] \(methods\): unknown key\(s\) \['rank'\]"),
+    (lambda r: r["grid"].update(methods=[{"method": "lora", "rnak": 4}]), r"\[grid\].*unknown key\(s\) \['rnak'\]"),
+    (lambda r: r["train"].update(epochs="3"), r"f\.toml \[train\]: epochs: input should be a valid integer"),
+    (lambda r: r["forgetting"].update(max_examples=[6]), r"\[forgetting\]: max_examples: "),
+    (lambda r: r.update(seeds=["0"]), r"f\.toml: seeds\[0\]: input should be a valid integer"),
+    (lambda r: r.update(grid=3), r"f\.toml: grid: input should be a valid dictionary, got 3"),
+])
+def test_config_errors_name_file_table_and_key(assets, mutate, message):
+    raw = tiny(assets, "methods", {"ranks": [1]})
+    mutate(raw)
+    with pytest.raises(InputError, match=message):
+        parse_config(raw, assets, source="f.toml")
+
+
+def test_bad_config_file_exits_2_without_traceback(assets, tmp_path):
+    (tmp_path / "bad.toml").write_text('kind = "methods"\nmodel = "m"\ntasks = ["t"]\n[train]\nepoch = 1\n')
+    cmd = [sys.executable, "-c", "from lorascope.cli import main; main()", "experiment", "run",
+           str(tmp_path / "bad.toml")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "Traceback" not in output
+    # (main() prints the message as rich markup, which drops the "[train]"; the InputError has it)
+    assert "bad.toml" in output and "unknown key(s) ['epoch']" in output
+
+
+def test_every_kind_is_one_module_in_the_registry():
+    from lorascope.experiments import config as config_module
+    from lorascope.experiments.kinds import KINDS
+
+    assert config_module.KINDS == tuple(KINDS) == ("methods", "sweeps", "intervention", "continual", "tracking")
+    for name, kind in KINDS.items():
+        assert kind.__name__ == f"lorascope.experiments.kinds.{name}"
+        assert callable(kind.plan) and issubclass(kind.Grid, config_module.Table)
+    assert set(studies.actions()) == {"train", "mitigate", "continual"}
 
 
 def test_example_configs_parse(assets, tmp_path):
