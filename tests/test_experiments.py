@@ -367,6 +367,40 @@ def test_resume_recomputes_nothing(assets, tmp_path, monkeypatch):
         run_experiment(changed, out, resume=True, **QUIET)
 
 
+_HOLD = """
+import sys, time
+from lorascope.experiments.store import Store
+with Store(sys.argv[1]).lock():
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_store_lock(assets, tmp_path):
+    """A second run on a store is refused, naming the lock file; a lock file left by a dead process, or
+    naming a live process that does not hold the lock, blocks nothing (only a held lock counts)."""
+    cfg = config(assets, "sweeps", {"methods": [{"method": "lora", "rank": 2}], "lrs": [1e-3]})
+    root = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert Store(root).running_pid() == holder.pid
+        with pytest.raises(InputError, match=rf"another run \(pid {holder.pid}, holding the lock .*\.lock\)"):
+            run_experiment(cfg, root, **QUIET)
+        with pytest.raises(InputError, match=r"\.lock"), Store(root).lock():
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for stale in (dead.stdout.strip(), str(os.getppid()), "1"):  # a dead pid, then live ones that hold nothing
+        (root / ".lock").write_text(stale)
+        assert Store(root).running_pid() is None
+        with Store(root).lock():
+            assert Store(root).running_pid() == os.getpid()
+        assert Store(root).running_pid() is None
+
+
 def test_cli_run_and_status(assets, tmp_path):
     shutil.copy(EXAMPLES / "tiny_sweeps.toml", assets / "cli_sweeps.toml")
     out = tmp_path / "store"
