@@ -67,6 +67,56 @@ def test_bad_config_values():
             TrainConfig(model="m", task="sst2", **bad).resolved()
 
 
+def test_cli_train_takes_every_default_and_help_from_train_config():
+    """`lorascope train` writes no default of its own: each option that is a TrainConfig field has the
+    field's default and help text, and every TrainConfig field a command line can set is an option."""
+    import dataclasses
+    import inspect
+
+    from rich.markup import escape
+
+    from lorascope.cli import train_cmd
+
+    options = {name: p.default for name, p in inspect.signature(train_cmd).parameters.items()}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shared = set(options) & set(fields)
+    assert set(fields) - shared == {"lora_options", "loraplus_lr_ratio", "freeze_lora_a", "extra"}
+    defaults = TrainConfig(model="m", task="t")
+    for name in shared:
+        assert options[name].help == escape(fields[name].metadata["help"]), name
+        if name not in ("model", "task"):  # required
+            assert options[name].default == getattr(defaults, name), name
+
+
+def test_cli_and_train_config_import_without_torch(tmp_path):
+    """`lorascope --help` needs TrainConfig's defaults, not the recipe: lorascope.cli and
+    lorascope.train.config import with torch, transformers and peft blocked. (``lorascope/__init__.py``
+    is bypassed here: it imports the scanning half, which needs torch.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lorascope.cli
+
+    src = Path(lorascope.cli.__file__).parent
+    code = f"""
+import sys, types
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+package = types.ModuleType("lorascope")
+package.__path__ = [{str(src)!r}]
+sys.modules["lorascope"] = package
+import lorascope.cli, lorascope.train.config
+from lorascope.train import TrainConfig
+assert TrainConfig(model="m", task="t").epochs == 3
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 LAYERS = {  # package -> lorascope packages it may not import, at module level or inside functions
     "data": ("train", "evaluate", "experiments", "models", "demo", "cli"),
     "models": ("train", "evaluate", "experiments", "demo", "cli"),
