@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorascope.errors import InputError
-from lorascope.train.data import (
+from lorascope.data import (
     find_data_root,
     load_corpus,
     load_corpus_text,
@@ -19,6 +18,7 @@ from lorascope.train.data import (
     seeded_split,
     subsample,
 )
+from lorascope.errors import InputError
 
 HAS_DATA = find_data_root(required=False) is not None
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="shared/data is absent")
@@ -152,7 +152,7 @@ def test_folder_with_train_and_test(tmp_path):
 
 
 def test_seeded_split_and_subsample_are_deterministic():
-    from lorascope.train.data import Example
+    from lorascope.data import Example
 
     examples = [Example(str(i), label=i % 2) for i in range(100)]
     train, test = seeded_split(examples)
@@ -227,3 +227,91 @@ def test_hf_names_go_through_datasets(monkeypatch):
     assert calls == [("glue", "sst2")] and task.labels == ["negative", "positive"]
     assert [(e.text, e.label) for e in task.train] == [("good", 1), ("bad", 0)]
     assert [(e.text, e.label) for e in task.test] == [("fine", 1)]
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def _hand_collate(features, pad_id):
+    """The hand-written collate the transformers collators replaced: right padding, input_ids with
+    ``pad_id``, masks and token types with 0, per-token labels with -100; scalar labels as long (class)
+    or float (score) tensors."""
+    import torch
+
+    length = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] + [fill] * (length - len(f[key])) for f in features])
+    if "labels" in features[0]:
+        labels = [f["labels"] for f in features]
+        if isinstance(labels[0], list):
+            batch["labels"] = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
+        elif isinstance(labels[0], float):
+            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
+        else:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    return batch
+
+
+def _batches(loader):
+    return [{k: v for k, v in batch.items()} for batch in loader]
+
+
+def test_collators_give_the_batches_of_the_hand_written_collate():
+    """DataCollatorWithPadding / DataCollatorForSeq2Seq (make_loader) against the collate they replaced,
+    on every kind of feature: pairs with token types and class labels, scores, text blocks, prompt/
+    response (prompt labelled -100), unlabelled inputs; and with a tokenizer that pads on the left or
+    has no pad token (batches are right-padded with EOS then, the caller's tokenizer is left alone)."""
+    import torch
+
+    from lorascope.data import Example
+    from lorascope.data.features import (
+        encode_classification,
+        encode_prompt_response,
+        encode_text_blocks,
+        make_loader,
+    )
+    from lorascope.train.tiny import tiny_tokenizer
+
+    bert, llama = tiny_tokenizer("bert"), tiny_tokenizer("llama")
+    texts = ["the movie was very good", "bad", "this film was awful and long and boring", "fine ."]
+    pairs = [Example(t, text_pair=p, label=i % 2) for i, (t, p) in enumerate(zip(texts, texts[::-1], strict=True))]
+    scores = [Example(t, text_pair="a film", label=float(i) / 3) for i, t in enumerate(texts)]
+    prompts = [Example(t, response=" good .") for t in texts]
+    cases = {
+        "pairs": (encode_classification(pairs, bert, 8), bert),
+        "scores": (encode_classification(scores, bert, 16), bert),
+        "unlabelled": (encode_classification([Example(t) for t in texts], llama, 16), llama),
+        "decoder classes": (encode_classification(pairs, llama, 16), llama),
+        "text blocks": (encode_text_blocks([Example(t) for t in texts * 3], llama, 7), llama),
+        "prompt/response": (encode_prompt_response(prompts, llama, 9), llama),
+    }
+    for name, (features, tok) in cases.items():
+        expected = [_hand_collate(features[i : i + 3], tok.pad_token_id) for i in range(0, len(features), 3)]
+        got = _batches(make_loader(features, 3, tok))
+        assert len(got) == len(expected), name
+        for g, e in zip(got, expected, strict=True):
+            assert g.keys() == e.keys(), name
+            for key in e:
+                assert g[key].dtype == e[key].dtype and torch.equal(g[key], e[key]), (name, key)
+
+    left = tiny_tokenizer("llama")
+    left.padding_side = "left"
+    bare = tiny_tokenizer("llama")
+    bare.pad_token = None
+    features = encode_classification(pairs, llama, 16)
+    expected = _hand_collate(features, llama.pad_token_id)
+    assert all(torch.equal(v, expected[k]) for k, v in _batches(make_loader(features, 4, left))[0].items())
+    no_pad = _hand_collate(features, bare.eos_token_id)
+    assert all(torch.equal(v, no_pad[k]) for k, v in _batches(make_loader(features, 4, bare))[0].items())
+    assert left.padding_side == "left" and bare.pad_token is None
+
+
+def test_xml_text_decodes_references():
+    """RTE's XML text: white space folded, entities decoded once (html.unescape), numeric references too
+    (7 RTE pairs write £ as &#163; or &#xA3;; the hand-written replacement kept them raw)."""
+    from lorascope.data.readers import xml_text
+
+    assert xml_text("  a &lt;b&gt;\n &quot;c&quot; &apos;d&apos; &amp;lt; ") == "a <b> \"c\" 'd' &lt;"
+    assert xml_text("about &#xA3;11.50 or &#163;9") == "about £11.50 or £9"

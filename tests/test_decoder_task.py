@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorascope.data import load_task
+from lorascope.data.arithmetic import arithmetic_problems
+from lorascope.data.features import IGNORE_INDEX, encode_prompt_response
 from lorascope.evaluate.metrics import causal_lm_scores, causal_lm_token_nll
 from lorascope.experiments.config import default_forgetting_metrics
-from lorascope.train.arithmetic import arithmetic_problems
-from lorascope.train.data import load_task
-from lorascope.train.features import IGNORE_INDEX, encode_prompt_response
-from lorascope.train.runs import hf_source
+from lorascope.models import hf_source
 from lorascope.train.tiny import tiny_model, tiny_tokenizer
 
 OPS = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
@@ -61,9 +61,9 @@ def test_exact_match_is_greedy_decoding_of_the_whole_response():
             logits = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
         scored = [t for t, x in enumerate(f["labels"]) if x != IGNORE_INDEX]
         expected += all(int(logits[t - 1].argmax()) == f["labels"][t] for t in scored)
-    nll, n, exact = causal_lm_scores(model, features, tok.pad_token_id or 0, batch_size=4)
+    nll, n, exact = causal_lm_scores(model, features, tok, batch_size=4)
     assert exact == expected >= 3
-    assert (nll, n) == pytest.approx(causal_lm_token_nll(model, features, tok.pad_token_id or 0, batch_size=4))
+    assert (nll, n) == pytest.approx(causal_lm_token_nll(model, features, tok, batch_size=4))
 
 
 def test_gguf_files_load_through_gguf_file(tmp_path: Path):

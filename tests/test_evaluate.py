@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from lorascope.cli import app
+from lorascope.data import find_data_root
 from lorascope.errors import InputError
 from lorascope.evaluate import (
     evaluate,
@@ -27,7 +28,6 @@ from lorascope.evaluate import (
 )
 from lorascope.evaluate.metrics import pearson, rankdata
 from lorascope.train import TrainConfig, load_trained, train, transplant
-from lorascope.train.data import find_data_root
 from lorascope.train.tiny import save_tiny_model, tiny_model, tiny_tokenizer, write_toy_corpus, write_toy_sentiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -78,6 +78,21 @@ def test_relative_change():
     assert relative_change(-2.0, -1.0) == pytest.approx(50.0)
     assert relative_change(4.0, 3.0) == pytest.approx(-25.0)
     assert relative_change(0.0, 1.0) is None
+    assert relative_change(None, 1.0) is None and relative_change(1.0, None) is None
+
+
+def test_metric_registry():
+    """One entry per metric; the experiment config's forgetting metrics are registered ones."""
+    from lorascope.evaluate import METRICS
+    from lorascope.experiments.config import FORGETTING_METRICS
+
+    assert {name: m.higher_is_better for name, m in METRICS.items()} == {
+        "accuracy": True, "pseudo-loss": False, "lm-loss": False, "sts": True, "drift": False}
+    assert {name: m.max_examples for name, m in METRICS.items() if m.max_examples} == {"pseudo-loss": 256,
+                                                                                      "drift": 512}
+    assert set(FORGETTING_METRICS) <= set(METRICS)
+    with pytest.raises(InputError, match="unknown metric 'bleu'"):
+        evaluate("no-model", metric="bleu")
 
 
 def test_linear_cka_properties():

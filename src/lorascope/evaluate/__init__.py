@@ -1,6 +1,13 @@
-"""Forgetting and task metrics, always reported as base, tuned and relative change; see docs/training.md."""
+"""Forgetting and task metrics, always reported as base, tuned and relative change; see docs/training.md.
 
-from lorascope.evaluate.api import METRICS, evaluate
+Modules: :mod:`~lorascope.evaluate.metrics` (the formulas), :mod:`~lorascope.evaluate.sides` (base and
+tuned models and their heads), :mod:`~lorascope.evaluate.measures` (the metric registry),
+:mod:`~lorascope.evaluate.api` (``evaluate``), :mod:`~lorascope.evaluate.retrieval`. Builds on
+:mod:`lorascope.data` and :mod:`lorascope.models`, never on :mod:`lorascope.train`.
+"""
+
+from lorascope.evaluate.api import evaluate
+from lorascope.evaluate.measures import METRICS
 from lorascope.evaluate.metrics import (
     accuracy,
     causal_lm_scores,
@@ -12,6 +19,7 @@ from lorascope.evaluate.metrics import (
     pseudo_loss,
     relative_change,
     representation_drift,
+    score_examples,
     sentence_embeddings,
     sliding_windows,
     spearman,
@@ -31,6 +39,7 @@ __all__ = [
     "pseudo_loss",
     "relative_change",
     "representation_drift",
+    "score_examples",
     "sentence_embeddings",
     "sliding_windows",
     "spearman",

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorascope.data.examples import Example
+from lorascope.data.features import IGNORE_INDEX, Feature, encode_classification, make_loader
 from lorascope.errors import InputError, NonFiniteError
-from lorascope.train.features import IGNORE_INDEX, Feature, make_loader
 
 # ---------------------------------------------------------------------------------------- statistics
 
@@ -72,9 +73,12 @@ def task_score(logits: torch.Tensor, labels: Sequence[Any], kind: str) -> tuple[
     return "accuracy", accuracy(logits, labels)
 
 
-def relative_change(base: float, tuned: float) -> float | None:
-    """100 (tuned - base) / |base|; None when base is 0 (undefined)."""
-    return None if base == 0 else 100.0 * (tuned - base) / abs(base)
+def relative_change(base: float | None, tuned: float | None) -> float | None:
+    """100 (tuned - base) / |base|, the paper's "% change"; None when undefined (base 0, or a value
+    missing)."""
+    if base is None or tuned is None or base == 0:
+        return None
+    return 100.0 * (tuned - base) / abs(base)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,13 +102,14 @@ def _inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
 
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module, features: Sequence[Feature], pad_id: int, batch_size: int = 32,
+    model: torch.nn.Module, features: Sequence[Feature], tokenizer: Any, batch_size: int = 32,
     device: torch.device | str = "cpu", progress: bool = False,
 ) -> torch.Tensor:
-    """Logits of a sequence-classification model for encoded features, in order, as float32 on CPU."""
+    """Logits of a sequence-classification model for encoded features, in order, as float32 on CPU
+    (batches padded with ``tokenizer``)."""
     model.eval()
     out = []
-    for batch in tqdm(make_loader(features, batch_size, pad_id), desc="predict", disable=not progress,
+    for batch in tqdm(make_loader(features, batch_size, tokenizer), desc="predict", disable=not progress,
                       leave=False):
         out.append(model(**_inputs(batch, torch.device(device))).logits.float().cpu())
     return torch.cat(out)
@@ -112,25 +117,25 @@ def predict(
 
 @torch.inference_mode()
 def causal_lm_token_nll(
-    model: torch.nn.Module, features: Sequence[Feature], pad_id: int, batch_size: int = 8,
+    model: torch.nn.Module, features: Sequence[Feature], tokenizer: Any, batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> tuple[float, int]:
     """(summed NLL, scored tokens) of causal-LM features whose ``labels`` mark scored tokens
     (-100 elsewhere): logits at position t predict label t+1."""
-    nll, count, _ = causal_lm_scores(model, features, pad_id, batch_size, device)
+    nll, count, _ = causal_lm_scores(model, features, tokenizer, batch_size, device)
     return nll, count
 
 
 @torch.inference_mode()
 def causal_lm_scores(
-    model: torch.nn.Module, features: Sequence[Feature], pad_id: int, batch_size: int = 8,
+    model: torch.nn.Module, features: Sequence[Feature], tokenizer: Any, batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> tuple[float, int, int]:
     """(summed NLL, scored tokens, exact matches). An example matches exactly when every scored token
     is the argmax given the true prefix, i.e. when greedy decoding would write its whole response."""
     model.eval()
     total, count, exact = 0.0, 0, 0
-    for batch in make_loader(features, batch_size, pad_id):
+    for batch in make_loader(features, batch_size, tokenizer):
         logits = model(**_inputs(batch, torch.device(device))).logits[:, :-1]
         labels = batch["labels"][:, 1:].to(logits.device)
         mask = labels != IGNORE_INDEX
@@ -139,6 +144,16 @@ def causal_lm_scores(
         wrong = (logits.argmax(-1) != labels) & mask
         exact += int((~wrong.any(-1) & mask.any(-1)).sum())
     return total, count, exact
+
+
+def score_examples(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], kind: str, max_length: int,
+    batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = False,
+) -> tuple[str, float]:
+    """(name, value) of a classifier on labelled examples: accuracy, or Spearman's rho for regression."""
+    features = encode_classification(examples, tokenizer, max_length)
+    logits = predict(model, features, tokenizer, batch_size, device, progress)
+    return task_score(logits, [e.label for e in examples], kind)
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ Layout (docs/experiments.md; the report reads it as described in docs/report.md)
     DIR/records.jsonl     one JSON object per finished unit, appended in the order they finished
     DIR/summary.json      derived numbers (e.g. Spearman ρ of a sweep), recomputable from records.jsonl
     DIR/units/KEY/        a unit's files: unit.json, record.json (written last), run/, scan.json, ...
-    DIR/.lock             held (with the pid) while a run is writing
+    DIR/.lock             locked (filelock, with the pid in it) while a run is writing
 
 A unit is finished exactly when its line is in records.jsonl; its folder's record.json is the same
 record, written before the line is appended, so a run killed between the two is recovered on resume.
@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_json
@@ -142,43 +144,40 @@ class Store:
 
     # -- lock ---------------------------------------------------------------------------------------
     def running_pid(self) -> int | None:
-        """The pid of a live run holding the lock, else None."""
+        """The pid of the live run holding the lock, else None. The lock file alone proves nothing: a
+        killed run leaves it behind, and its pid may since belong to another process; only a lock that
+        is actually held counts."""
         lock = self.root / LOCK
-        try:
-            pid = int(lock.read_text().strip())
-        except (OSError, ValueError):
+        if not lock.is_file():
             return None
-        return pid if _alive(pid) else None
+        probe = FileLock(str(lock))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            try:
+                return int(lock.read_text().strip())
+            except (OSError, ValueError):  # held, the pid not written yet
+                return None
+        probe.release()
+        return None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the folder for one run; a second live run on it is refused."""
+        """Hold the folder for one run (a ``filelock`` lock on ``DIR/.lock``, with the pid in it); a
+        second run on it is refused. The OS releases the lock when its process dies, so a lock file
+        left by a killed run does not block."""
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = self.root / LOCK
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                break
-            except FileExistsError:
-                pid = self.running_pid()
-                if pid is not None:
-                    raise InputError(f"{self.root} is being written by another run (pid {pid})") from None
-                lock.unlink(missing_ok=True)  # left by a killed run
-        else:  # pragma: no cover - lost a race twice
-            raise InputError(f"{self.root}: cannot take the lock {lock}")
+        path = self.root / LOCK
+        lock = FileLock(str(path))
         try:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
+            lock.acquire(timeout=0)
+        except Timeout:
+            pid = self.running_pid()
+            raise InputError(f"{self.root} is being written by another run ({f'pid {pid}, ' if pid else ''}"
+                             f"holding the lock {path})") from None
+        try:
+            path.write_text(str(os.getpid()))  # for `experiment status`; the OS lock is what counts
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -51,7 +51,7 @@ def model_source(model: torch.nn.Module, initial: dict[str, torch.Tensor] | None
     else as a full checkpoint."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from lorascope.train.recipes import unmutate_lora
+    from lorascope.train.lora import unmutate_lora
 
     if isinstance(model, PeftModel):
         name = model.active_adapter
@@ -66,12 +66,11 @@ def model_source(model: torch.nn.Module, initial: dict[str, torch.Tensor] | None
 def _mutating_init(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 
-    from lorascope.train.recipes import MUTATING_INITS
+    from lorascope.train.config import is_mutating_init
 
     if not isinstance(model, PeftModel):
         return False
-    init = getattr(model.peft_config[model.active_adapter], "init_lora_weights", True)
-    return isinstance(init, str) and init.lower().startswith(MUTATING_INITS)
+    return is_mutating_init(getattr(model.peft_config[model.active_adapter], "init_lora_weights", True))
 
 
 # ------------------------------------------------------------------------------------------ tracker
@@ -145,7 +144,7 @@ class IntruderTracker(TrainerCallback):
             if _mutating_init(model):  # keep the initial factors: ΔW = s (B A − B0 A0)
                 if step != 0:
                     raise InputError("tracking an adapter with a PiSSA-style init must start at step 0")
-                from lorascope.train.recipes import lora_factors
+                from lorascope.train.lora import lora_factors
 
                 self._initial = lora_factors(model)
         if step % self.every != 0 or (self.history and self.history[-1][0] == step):

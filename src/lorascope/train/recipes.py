@@ -1,47 +1,32 @@
 """Fine-tuning recipes: LoRA or full fine-tuning, for sequence classification or causal LM.
 
-Defaults follow the paper's recipe (Shuttleworth et al., arXiv 2410.21228), each can be overridden:
-
-- AdamW, no weight decay; linear schedule with 6% warm-up; batch 16;
-- LoRA with alpha = 2r and lr * alpha held at 2.4e-3, i.e. lr = 2.4e-3 / alpha; the update is
-  W + (alpha / r) B A, or W + (alpha / sqrt(r)) B A with rsLoRA;
-- LoRA on every linear layer of the transformer blocks (not the embeddings, pooler or head);
-- full fine-tuning at lr = 1e-5.
-
-A plain PyTorch loop over transformers models and peft adapters; nothing hand-written beyond the loop.
+The defaults (the paper's recipe) and their checks are :class:`~lorascope.train.config.TrainConfig`'s;
+LoRA wrapping and base-mutating inits are in :mod:`lorascope.train.lora`. A plain PyTorch loop over
+transformers models and peft adapters; nothing hand-written beyond the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import random
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from peft import LoraConfig, TaskType, get_peft_model
 from tqdm import tqdm
 
-import lorascope
+from lorascope.data import TaskData, load_task, subsample
+from lorascope.data.features import encode, make_loader
 from lorascope.errors import InputError, NonFiniteError
+from lorascope.evaluate.metrics import causal_lm_scores, score_examples
 from lorascope.io.writers import atomic_dir, atomic_write_json
-from lorascope.train.data import TaskData, load_task, subsample
-from lorascope.train.features import (
-    encode_classification,
-    encode_prompt_response,
-    encode_text_blocks,
-    make_loader,
-    pad_id_of,
-)
-from lorascope.train.runs import (
+from lorascope.models import (
     RUN_FILE,
     RUN_FORMAT,
     classifier_kwargs,
@@ -52,74 +37,27 @@ from lorascope.train.runs import (
     resolve_model_path,
     set_pad_token,
 )
-
-LORA_LR_TIMES_ALPHA = 2.4e-3
-FULL_LR = 1e-5
-METHODS = ("lora", "full")
-OBJECTIVES = ("auto", "classify", "lm")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. ``None`` fields are filled by :meth:`resolved`."""
-
-    model: str
-    task: str
-    method: str = "lora"
-    objective: str = "auto"  # auto: classify for labelled tasks, lm for text / prompt-response tasks
-    rank: int = 8
-    alpha: float | None = None  # None -> 2 * rank
-    rslora: bool = False
-    target_modules: list[str] | str | None = None  # None -> every linear layer of the blocks
-    lora_dropout: float = 0.0
-    lora_options: dict[str, Any] = field(default_factory=dict)  # more peft LoraConfig arguments: use_dora, ...
-    loraplus_lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): lr of B = ratio * lr of A
-    freeze_lora_a: bool = False  # train B only, A stays at its random init (paper §7 ablation)
-    lr: float | None = None  # None -> 2.4e-3 / alpha (LoRA) or 1e-5 (full)
-    epochs: int = 3
-    batch_size: int = 16
-    max_length: int = 128
-    warmup: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    seed: int = 0
-    max_examples: int | None = None
-    max_eval_examples: int | None = None
-    columns: str | dict[str, str] | None = None
-    labels: list[str] | None = None
-    test_file: str | None = None
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast (and tf32) on CUDA, fp32 on CPU
-    trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in run.json
-
-    def resolved(self) -> TrainConfig:
-        """A copy with defaults filled in and every value checked."""
-        if self.method not in METHODS:
-            raise InputError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("rank", "epochs", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1:
-            raise InputError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        check_lora_variant(self)
-        alpha = float(self.alpha) if self.alpha is not None else 2.0 * self.rank
-        if self.lr is not None:
-            lr = self.lr
-        else:
-            lr = LORA_LR_TIMES_ALPHA / alpha if self.method == "lora" else FULL_LR
-        if lr <= 0:
-            raise InputError(f"lr must be positive, got {lr}")
-        test_file = _path_ref(self.test_file) if self.test_file is not None else None
-        labels = list(self.labels) if self.labels is not None else None
-        return dataclasses.replace(self, model=str(self.model), task=_path_ref(self.task), test_file=test_file,
-                                   labels=labels, alpha=alpha, lr=lr)
-
+from lorascope.runtime import library_versions, resolve_device
+from lorascope.train.config import (  # noqa: F401 - re-exported: lorascope.train.recipes.<name> keeps working
+    FULL_LR,
+    LORA_LR_TIMES_ALPHA,
+    METHODS,
+    MUTATING_INITS,
+    OBJECTIVES,
+    PRECISIONS,
+    TrainConfig,
+    check_lora_variant,
+    mutates_base,
+    path_ref,
+)
+from lorascope.train.lora import (  # noqa: F401 - re-exported (experiments/tracking.py uses them from here)
+    apply_lora,
+    default_target_modules,
+    lora_factors,
+    lora_targets,
+    save_adapter,
+    unmutate_lora,
+)
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -129,15 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda asked for, but CUDA is not available")
-    return device
 
 
 def resolve_objective(objective: str, task: TaskData) -> str:
@@ -152,61 +81,6 @@ def resolve_objective(objective: str, task: TaskData) -> str:
     return "regress" if task.kind == "regression" else objective
 
 
-def versions() -> dict[str, str]:
-    import peft
-
-    return {
-        "lorascope": lorascope.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "numpy": np.__version__,
-    }
-
-
-BLOCK_LINEAR = re.compile(r".*\.\d+\.")  # inside a numbered transformer block: layer.3., layers.3., h.3.
-
-
-def default_target_modules(model: torch.nn.Module) -> str:
-    """A peft regex for every linear layer inside the numbered transformer blocks (attention and MLP),
-    leaving out embeddings, pooler and heads. Conv1D (GPT-2) counts as linear."""
-    leaves = set()
-    for name, module in model.named_modules():
-        if BLOCK_LINEAR.match(name) and type(module).__name__ in ("Linear", "Conv1D"):
-            leaves.add(name.rsplit(".", 1)[-1])
-    if not leaves:
-        raise InputError("found no linear layers inside transformer blocks; pass target_modules")
-    return r".*\.\d+\.(?:.*\.)?(?:" + "|".join(sorted(leaves)) + r")$"
-
-
-def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str) -> torch.nn.Module:
-    """Wrap with peft LoRA. For classification the head is trained and saved (``modules_to_save``), and
-    so is any other module the checkpoint lacked (e.g. BERT's pooler when starting from an MLM)."""
-    target = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in getattr(model, "lorascope_new_weights", [])})
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if objective == "lm" else TaskType.SEQ_CLS,
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.lora_dropout,
-        use_rslora=cfg.rslora,
-        target_modules=target,
-        modules_to_save=new_modules or None,
-        bias="none",
-        **cfg.lora_options,
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as e:
-        raise InputError(f"cannot apply LoRA with target modules {target!r}: {e}") from e
-    if cfg.freeze_lora_a:
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                p.requires_grad_(False)
-    return model
-
-
 def build_model(cfg: TrainConfig, task: TaskData, objective: str, tokenizer: Any) -> torch.nn.Module:
     """The base model with a head for the objective (a new classifier for classify / regress)."""
     path = resolve_model_path(cfg.model)
@@ -219,14 +93,6 @@ def build_model(cfg: TrainConfig, task: TaskData, objective: str, tokenizer: Any
                                 **classifier_kwargs(task.labels, objective))
     set_pad_token(model, tokenizer)
     return model
-
-
-def encode(task_examples: list, objective: str, kind: str, tokenizer: Any, max_length: int) -> list:
-    if objective != "lm":
-        return encode_classification(task_examples, tokenizer, max_length)
-    if kind == "prompt_response":
-        return encode_prompt_response(task_examples, tokenizer, max_length)
-    return encode_text_blocks(task_examples, tokenizer, max_length)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -310,23 +176,18 @@ def score_run(
 ) -> dict[str, float]:
     """Test-set metrics right after training: accuracy (classification), Spearman and Pearson
     (regression) or per-token NLL and perplexity (LM), plus exact match for prompt/response tasks."""
-    # Imported here: lorascope.evaluate builds on lorascope.train, not the other way round.
-    from lorascope.evaluate.metrics import causal_lm_scores, predict, task_score
-
     test = subsample(task.test, cfg.max_eval_examples)
     if not test:
         return {}
     batch_size = max(cfg.batch_size, 32)
     if objective == "lm":
         features = encode(test, objective, task.kind, tokenizer, cfg.max_length)
-        nll, n, exact = causal_lm_scores(model, features, pad_id_of(tokenizer), batch_size, device)
+        nll, n, exact = causal_lm_scores(model, features, tokenizer, batch_size, device)
         out = {"test_loss": nll / n, "test_perplexity": math.exp(nll / n), "test_tokens": n}
         if task.kind == "prompt_response":  # greedy decoding would write the whole response
             out.update(test_exact_match=exact / len(features), test_examples=len(features))
         return out
-    features = encode_classification(test, tokenizer, cfg.max_length)
-    logits = predict(model, features, pad_id_of(tokenizer), batch_size, device)
-    name, value = task_score(logits, [e.label for e in test], task.kind)
+    name, value = score_examples(model, tokenizer, test, task.kind, cfg.max_length, batch_size, device)
     return {f"test_{name}": value, "test_examples": len(test)}
 
 
@@ -381,7 +242,7 @@ def fine_tune(config: TrainConfig, *, progress: bool = True, callbacks: Sequence
         initial = lora_factors(model) if mutates_base(cfg) else None
     model.to(device)
     trainable, total = count_parameters(model)
-    loader = make_loader(features, cfg.batch_size, pad_id_of(tokenizer), shuffle=True, seed=cfg.seed)
+    loader = make_loader(features, cfg.batch_size, tokenizer, shuffle=True, seed=cfg.seed)
     history = fit(model, loader, cfg, device, bf16, progress, callbacks=callbacks)
     metrics = {**score_run(model, tokenizer, task, objective, cfg, device), "train_loss": history["epoch_loss"][-1]}
     return FineTuned(model, tokenizer, cfg, task, objective, len(train_examples), device, bf16,
@@ -403,13 +264,13 @@ def write_run(ft: FineTuned, folder: str | Path, wall_time_s: float | None = Non
         layout["model"] = "model"
     record = {
         "format": RUN_FORMAT,
-        "model": _model_ref(cfg.model),
+        "model": path_ref(cfg.model),
         "method": cfg.method,
         "objective": ft.objective,
         "task": {**ft.task.describe(), "n_train_used": ft.n_train},
         "config": dataclasses.asdict(cfg),
         "target_modules": (cfg.target_modules if cfg.target_modules is not None else
-                           _lora_targets(ft.model) if cfg.method == "lora" else None),
+                           lora_targets(ft.model) if cfg.method == "lora" else None),
         "seed": cfg.seed,
         "device": str(ft.device),
         "precision": "bf16" if ft.bf16 else "fp32",
@@ -417,7 +278,7 @@ def write_run(ft: FineTuned, folder: str | Path, wall_time_s: float | None = Non
         "metrics": ft.metrics,
         "history": ft.history,
         "wall_time_s": wall_time_s if wall_time_s is not None else sum(ft.history["epoch_seconds"]),
-        "versions": versions(),
+        "versions": library_versions(),
         "layout": layout,
     }
     atomic_write_json(folder / RUN_FILE, record)
@@ -439,92 +300,3 @@ def train(
         ft = fine_tune(config, progress=progress, callbacks=callbacks)
         record = write_run(ft, tmp, wall_time_s=time.perf_counter() - start)
     return record
-
-
-def _path_ref(value: str | Path) -> str:
-    """Local files and folders as absolute paths (a run is read back from anywhere), names as given."""
-    return str(Path(value).resolve()) if Path(value).exists() else str(value)
-
-
-def _model_ref(model: str) -> str:
-    """Local paths are stored absolute, so the run can be loaded from anywhere; hub ids as given."""
-    path = Path(model)
-    return str(path.resolve()) if path.exists() else model
-
-
-def _lora_targets(model: torch.nn.Module) -> list[str]:
-    """The module names peft actually wrapped with LoRA (short leaf names)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")})
-
-
-# ---------------------------------------------------------------------------------- LoRA variants
-
-# Set by the grid itself; everything else in lora_options goes to peft's LoraConfig as given.
-_LORA_FIXED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save", "bias",
-               "task_type"}
-MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")  # inits that move part of W into the adapter
-
-
-def check_lora_variant(cfg: TrainConfig) -> None:
-    """LoRA-only options on a LoRA run; lora_options are LoraConfig fields the recipe does not set."""
-    variant = cfg.lora_options or cfg.loraplus_lr_ratio is not None or cfg.freeze_lora_a
-    if variant and cfg.method != "lora":
-        raise InputError("lora_options, loraplus_lr_ratio and freeze_lora_a need method lora")
-    unknown = sorted(set(cfg.lora_options) - set(LoraConfig.__dataclass_fields__))
-    fixed = sorted(set(cfg.lora_options) & _LORA_FIXED)
-    if unknown or fixed:
-        raise InputError(f"lora_options: {unknown or fixed} are not LoraConfig arguments the recipe leaves open")
-    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
-        raise InputError(f"loraplus_lr_ratio must be positive, got {cfg.loraplus_lr_ratio}")
-    if mutates_base(cfg) and (cfg.freeze_lora_a or cfg.lora_options.get("use_dora")):
-        raise InputError(f"init_lora_weights={cfg.lora_options['init_lora_weights']!r} cannot be combined with "
-                         "DoRA or a frozen A")
-
-
-def mutates_base(cfg: TrainConfig) -> bool:
-    init = cfg.lora_options.get("init_lora_weights", True)
-    return isinstance(init, str) and init.lower().startswith(MUTATING_INITS)
-
-
-def lora_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the LoRA A and B tensors of a peft model, keyed as in its saved adapter."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model)
-    return {k: v.detach().clone() for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
-
-
-def unmutate_lora(
-    state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An adapter trained from a PiSSA-style init, as a plain LoRA on the *unchanged* base.
-
-    The init set the base weight to W_res = W - s B0 A0, so the trained model is
-    W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]: rank 2r, same scaling s (alpha doubled,
-    or times sqrt 2 with rsLoRA). PEFT's ``subtract_mutated_init``, keeping ``modules_to_save`` tensors.
-    """
-    state = dict(state)
-    for key, init in initial.items():
-        trained = state[key].to(init.device)
-        state[key] = torch.cat([trained, init], 0) if ".lora_A." in key else torch.cat([trained, -init], 1)
-    config = dict(config)
-    factor = math.sqrt(2) if config.get("use_rslora") else 2.0
-    config.update(r=2 * config["r"], lora_alpha=factor * config["lora_alpha"], init_lora_weights=True)
-    config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
-    config["alpha_pattern"] = {k: factor * v for k, v in (config.get("alpha_pattern") or {}).items()}
-    return state, config
-
-
-def save_adapter(model: torch.nn.Module, folder: Path, initial: dict[str, torch.Tensor] | None = None) -> None:
-    """``save_pretrained``; an adapter from a base-mutating init is rewritten by :func:`unmutate_lora`."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    model.save_pretrained(folder)
-    if initial is None:
-        return
-    weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
-    state, config = unmutate_lora(load_file(str(weights)), initial, json.loads(config_file.read_text()))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
-    atomic_write_json(config_file, config)

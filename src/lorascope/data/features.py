@@ -2,18 +2,23 @@
 
 Causal-LM labels follow the transformers convention: ``labels`` equals ``input_ids`` and the model
 shifts them internally; positions labelled ``-100`` (padding, prompt tokens) carry no loss.
+
+Batches are padded by transformers' collators on the right: ``DataCollatorWithPadding`` for one label
+per example (a class or a score), ``DataCollatorForSeq2Seq`` (labels padded with -100) for per-token labels.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+from lorascope.data.examples import Example
 from lorascope.errors import InputError
-from lorascope.train.data import Example
 
 IGNORE_INDEX = -100
 Feature = dict[str, Any]
@@ -65,37 +70,52 @@ def encode_prompt_response(examples: Sequence[Example], tokenizer: Any, max_leng
     return features
 
 
-def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of features into tensors: ``input_ids`` with ``pad_id``, masks and token types
-    with 0, per-token labels with -100; scalar labels become a long (class) or float (score) tensor."""
-    length = max(len(f["input_ids"]) for f in features)
-    batch: dict[str, torch.Tensor] = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] + [fill] * (length - len(f[key])) for f in features])
-    if "labels" in features[0]:
-        labels = [f["labels"] for f in features]
-        if isinstance(labels[0], list):
-            batch["labels"] = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels])
-        elif isinstance(labels[0], float):
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32)
-        else:
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
-    return batch
+def encode(examples: Sequence[Example], objective: str, kind: str, tokenizer: Any, max_length: int) -> list[Feature]:
+    """Features for a training objective: ``classify`` / ``regress`` one label per example; ``lm`` token
+    blocks of plain text, or prompt/response pairs with the loss on the response."""
+    if objective != "lm":
+        return encode_classification(examples, tokenizer, max_length)
+    if kind == "prompt_response":
+        return encode_prompt_response(examples, tokenizer, max_length)
+    return encode_text_blocks(examples, tokenizer, max_length)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def fallback_pad_token(tokenizer: Any) -> str | None:
+    """The token to pad with when a tokenizer has no pad token: EOS, else UNK."""
+    return tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def padding_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` when it pads on the right with a pad token, else a shallow copy that does (the
+    caller's tokenizer is left as it is): batches are always right-padded."""
+    if tokenizer.padding_side == "right" and tokenizer.pad_token is not None:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)  # a shallow copy shares the special-token map
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = fallback_pad_token(tokenizer)
+    return tokenizer
+
+
+def collator(tokenizer: Any, features: Sequence[Feature]) -> Any:
+    """The transformers collator for these features: per-token labels (LM) are padded with -100 by
+    ``DataCollatorForSeq2Seq``; inputs with one label per example (or none) by ``DataCollatorWithPadding``.
+    ``input_ids`` are padded with the pad token, masks and token types with 0; class labels become a
+    long tensor, scores a float one."""
+    tokenizer = padding_tokenizer(tokenizer)
+    if features and isinstance(features[0].get("labels"), list):
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
 def make_loader(
-    features: Sequence[Feature], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
+    features: Sequence[Feature], batch_size: int, tokenizer: Any, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
-    """A DataLoader over features; shuffling uses its own seeded generator, so the order depends only
-    on ``seed``."""
+    """A DataLoader over features, padded with ``tokenizer``'s pad token; shuffling uses its own seeded
+    generator, so the order depends only on ``seed``."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(list(features), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=lambda fs: collate(fs, pad_id))
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
+                      collate_fn=collator(tokenizer, features))

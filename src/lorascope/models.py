@@ -1,5 +1,6 @@
-"""Run folders: read them back, load the tuned model, merge LoRA, move a backbone under another head.
+"""Models: load Hugging Face checkpoints and run folders, merge LoRA, move a backbone under another head.
 
+What training writes and evaluation reads, so both build on this module rather than on each other.
 A run folder written by :func:`lorascope.train.train` holds::
 
     OUT/run.json     config, task and label names, metrics, seed, library versions, wall time
@@ -38,6 +39,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from lorascope.data.features import fallback_pad_token
 from lorascope.errors import InputError, MismatchError
 from lorascope.io.writers import atomic_dir, atomic_write_json
 
@@ -116,7 +118,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {path}: {e}") from e
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        tokenizer.pad_token = fallback_pad_token(tokenizer)
     return tokenizer
 
 

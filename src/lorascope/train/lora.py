@@ -1,0 +1,105 @@
+"""LoRA on a model: where the adapters go, wrapping with peft, and base-mutating inits (PiSSA...).
+
+An adapter trained from a base-mutating init is saved as a plain LoRA on the *unchanged* base
+(:func:`unmutate_lora`), so it is scanned and loaded like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from lorascope.errors import InputError
+from lorascope.io.writers import atomic_write_json
+from lorascope.train.config import TrainConfig
+
+BLOCK_LINEAR = re.compile(r".*\.\d+\.")  # inside a numbered transformer block: layer.3., layers.3., h.3.
+
+
+def default_target_modules(model: torch.nn.Module) -> str:
+    """A peft regex for every linear layer inside the numbered transformer blocks (attention and MLP),
+    leaving out embeddings, pooler and heads. Conv1D (GPT-2) counts as linear."""
+    leaves = set()
+    for name, module in model.named_modules():
+        if BLOCK_LINEAR.match(name) and type(module).__name__ in ("Linear", "Conv1D"):
+            leaves.add(name.rsplit(".", 1)[-1])
+    if not leaves:
+        raise InputError("found no linear layers inside transformer blocks; pass target_modules")
+    return r".*\.\d+\.(?:.*\.)?(?:" + "|".join(sorted(leaves)) + r")$"
+
+
+def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str) -> torch.nn.Module:
+    """Wrap with peft LoRA. For classification the head is trained and saved (``modules_to_save``), and
+    so is any other module the checkpoint lacked (e.g. BERT's pooler when starting from an MLM)."""
+    target = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in getattr(model, "lorascope_new_weights", [])})
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM if objective == "lm" else TaskType.SEQ_CLS,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.rslora,
+        target_modules=target,
+        modules_to_save=new_modules or None,
+        bias="none",
+        **cfg.lora_options,
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise InputError(f"cannot apply LoRA with target modules {target!r}: {e}") from e
+    if cfg.freeze_lora_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The module names peft actually wrapped with LoRA (short leaf names)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")})
+
+
+def lora_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the LoRA A and B tensors of a peft model, keyed as in its saved adapter."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().clone() for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def unmutate_lora(
+    state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An adapter trained from a PiSSA-style init, as a plain LoRA on the *unchanged* base.
+
+    The init set the base weight to W_res = W - s B0 A0, so the trained model is
+    W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]: rank 2r, same scaling s (alpha doubled,
+    or times sqrt 2 with rsLoRA). PEFT's ``subtract_mutated_init``, keeping ``modules_to_save`` tensors.
+    """
+    state = dict(state)
+    for key, init in initial.items():
+        trained = state[key].to(init.device)
+        state[key] = torch.cat([trained, init], 0) if ".lora_A." in key else torch.cat([trained, -init], 1)
+    config = dict(config)
+    factor = math.sqrt(2) if config.get("use_rslora") else 2.0
+    config.update(r=2 * config["r"], lora_alpha=factor * config["lora_alpha"], init_lora_weights=True)
+    config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: factor * v for k, v in (config.get("alpha_pattern") or {}).items()}
+    return state, config
+
+
+def save_adapter(model: torch.nn.Module, folder: Path, initial: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained``; an adapter from a base-mutating init is rewritten by :func:`unmutate_lora`."""
+    model.save_pretrained(folder)
+    if initial is None:
+        return
+    weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    state, config = unmutate_lora(load_file(str(weights)), initial, json.loads(config_file.read_text()))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    atomic_write_json(config_file, config)
