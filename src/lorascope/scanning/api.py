@@ -25,12 +25,16 @@ def scan(
     *,
     progress: bool = False,
     basis: BasisFn | None = None,
+    residual_base: str | None = None,
     **settings: Any,
 ) -> ScanResult:
     """Compare a fine-tuned model or adapter with its base (paper Alg. 1 on every matrix).
 
     ``base``: HF model folder, weight file or hub id. ``tuned``: the same for a full fine-tune, a
-    PEFT adapter folder or a kohya LoRA file. Settings come as ``options`` or as keywords of
+    PEFT adapter folder, a kohya LoRA file or a ``lorascope train`` run folder. ``residual_base``: for a
+    PEFT adapter whose init changed the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) and was saved
+    relative to it, the model saved right after the init (W_res); ΔW = W_res + update − W_0 is then
+    measured against ``base``. Settings come as ``options`` or as keywords of
     ``ScanOptions`` (``k=10, epsilon=0.5, side="left", modules=None, embeddings=False,
     device="auto", dtype="float32", cache_dir=None, cache_budget="20GB", streams=None``).
     ``basis``: a hook ``(key, W) -> SVD`` that supplies base bases (wins over ``cache_dir``).
@@ -52,7 +56,7 @@ def scan(
     dev = distributed.setup(resolve_device(opts.device))
     t0 = time.perf_counter()
     base_ckpt = Checkpoint(base)
-    tuned_src = open_tuned(tuned)
+    tuned_src = open_tuned(tuned, residual_base)
     pairs, unpaired = pair_matrices(base_ckpt, tuned_src, opts)
     cache = BasisCache(opts.cache_dir, opts.cache_budget) if opts.cache_dir and basis is None else None
     share = distributed.share(pairs, base_ckpt)
@@ -71,6 +75,8 @@ def scan(
         side=opts.side, modules=opts.modules, embeddings=opts.embeddings, device=str(dev), dtype=opts.dtype,
         base_basis_dtype="float64",
     )
+    if residual_base is not None:
+        settings_out["residual_base"] = str(residual_base)
     return ScanResult(
         settings=settings_out,
         matrices=records,
