@@ -24,8 +24,8 @@ def _root() -> None:
 @app.command()
 def scan(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
-    tuned: str = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder or kohya "
-                                "LoRA file."),
+    tuned: str = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder, kohya "
+                                "LoRA file or `lorascope train` run folder."),
     k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
     epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
     side: str = typer.Option(scan_default("side"), help="left (paper), right or both singular vectors."),
@@ -41,6 +41,8 @@ def scan(
                                      "recently used go)."),
     streams: int = typer.Option(scan_default("streams"), help="Matrices analysed at once (default: 8 on a GPU if "
                                 "memory allows, 1 on the CPU)."),
+    residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
+                                             "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
 ) -> None:
     """Find intruder dimensions (paper Alg. 1) in every weight matrix a fine-tune or adapter changed.
     Under `torchrun --nproc-per-node N -m lorascope scan ...` the matrices are split over N ranks."""
@@ -54,7 +56,7 @@ def scan(
     from lorascope.scanning import distributed
     from lorascope.scanning.api import scan as run_scan
 
-    result = run_scan(base, tuned, options, progress=distributed.is_main())
+    result = run_scan(base, tuned, options, progress=distributed.is_main(), residual_base=residual_base)
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
     print_scan_summary(result)
@@ -100,6 +102,8 @@ def mitigate(
     embeddings: bool = typer.Option(scan_default("embeddings"), help="Also mitigate embedding matrices."),
     device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
+                                             "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
 ) -> None:
     """Scale intruder dimensions by λ (paper §5) and write a working adapter or model."""
     from lorascope.mitigation.api import mitigate as run_mitigate
@@ -107,7 +111,8 @@ def mitigate(
 
     options = ScanOptions(k=k, epsilon=epsilon, modules=modules, embeddings=embeddings, device=device)
     result = run_mitigate(base, tuned, out, lam=lam, which=which, control=control, format=format,
-                          compress=compress, overwrite=overwrite, progress=True, options=options)
+                          compress=compress, overwrite=overwrite, progress=True, options=options,
+                          residual_base=residual_base)
     s = result.summary()
     console.print(f"scaled {s['n_directions']} direction(s) in {s['n_changed']} of {s['n_matrices']} matrices "
                   f"(λ={lam}, which={which}, control={result.settings['control'] or 'none'}); "

@@ -210,6 +210,16 @@ class PeftAdapter:
         self.kind = "peft"
         self.description = f"{self.root} (on residual base {residual.root})"
 
+    @property
+    def label(self) -> str:
+        """The tuner in words, for messages: 'VERA', 'LORA (DoRA)', 'LORA (init pissa, on a changed base)'."""
+        if self.peft_type != "LORA":
+            return self.peft_type
+        extra = [k for k in _LORA_VARIANTS if self.config.get(k)]
+        if res.mutates_base(self.init):
+            extra.append(f"init {self.init}, trained on a changed base")
+        return "LORA" + (f" ({', '.join(extra)})" if extra else "")
+
     # -- keys ----------------------------------------------------------------------------------------
     @property
     def file(self) -> str:
