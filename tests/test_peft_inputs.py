@@ -295,3 +295,51 @@ def test_lora_bias_is_reported_not_scanned(tmp_path):
     res = scan(str(base), str(adapter), k=4)
     assert res.settings["tuned_kind"] == "lora"
     assert all(k.endswith("lora_B.bias") for k in res.unpaired["not_in_base"]) and res.unpaired["not_in_base"]
+
+
+# -- `lorascope train` run folders -----------------------------------------------------------------------
+def test_run_folder_stands_for_its_adapter_or_model(tmp_path, lora_pair):
+    import shutil
+
+    base, adapter = lora_pair
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    shutil.copytree(adapter, run / "adapter")
+    (run / "tokenizer").mkdir()
+    (run / "run.json").write_text(json.dumps({"method": "lora", "layout": {"adapter": "adapter", "model": None,
+                                                                           "tokenizer": "tokenizer"}}))
+    direct = scan(str(base), str(adapter), k=4)
+    via_run = scan(str(base), str(run), k=4)
+    assert [r.max_cos for r in via_run.matrices] == [r.max_cos for r in direct.matrices]
+    assert via_run.settings["tuned_kind"] == "lora"
+    # a full fine-tune run: model/ (run.json unreadable: the folder names are enough)
+    full = tmp_path / "runs" / "full"
+    full.mkdir()
+    shutil.copytree(base, full / "model")
+    (full / "run.json").write_text("{broken")
+    res = scan(str(base), str(full), k=4)
+    assert res.settings["tuned_kind"] == "full" and res.summary()["sides"]["left"]["n_intruders"] == 0
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text("{}")
+    with pytest.raises(InputError, match="run folder .*without its adapter/ or model/"):
+        scan(str(base), str(empty))
+    out = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(run), "--k", "4"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+
+
+def test_summary_k_above_the_scans_k_is_an_error(lora_pair):
+    from lorascope.schema import ScanResult, summarize
+
+    base, adapter = lora_pair
+    res = scan(str(base), str(adapter), k=4)
+    assert res.summary(k=2)["k"] == 2 and res.summary(k=4) == res.summary()
+    for bad in (5, 0, 2.5):
+        with pytest.raises(InputError, match=r"k=5 exceeds the scan's k=4" if bad == 5 else "k must be"):
+            res.summary(k=bad)
+    with pytest.raises(InputError, match="k=6 exceeds the scan's k=4"):
+        summarize(res.matrices, 0.5, 6)
+    loaded = ScanResult.from_dict(res.to_dict())
+    with pytest.raises(InputError, match="exceeds"):
+        loaded.summary(0.3, 10)

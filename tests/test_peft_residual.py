@@ -159,3 +159,36 @@ def test_tied_singular_values_refuse_reconstruction():
         res.mutation("pissa", Q @ W, "linear", 3, 2.0, "x")
     B, A = res.mutation("pissa", Q @ W, "linear", 2, 2.0, "x")  # σ_2 > σ_3: fine
     assert torch.linalg.matrix_rank(B @ A) == 2
+
+
+def test_cli_residual_base(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    residual = tmp_path / "residual"
+    base, adapter, _ = build(tmp_path, lora(init_lora_weights="pissa_niter_1"), train=save_residual(residual))
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "lorascope", "scan", str(base), str(adapter), "--k", "4"]
+    ok = subprocess.run(cmd + ["--residual-base", str(residual), "--out", str(tmp_path / "o")], capture_output=True,
+                        text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "o" / "scan.json").read_text())["settings"]["residual_base"] == str(residual)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_mitigate_writes_the_merged_model(tmp_path, one_thread, residual):
+    """mitigate with λ = 1 (the identity) writes W_0 + ΔW: PEFT's merged weights."""
+    from lorascope import mitigate
+    from lorascope.io.checkpoint import Checkpoint
+
+    res_dir = tmp_path / "residual"
+    base, adapter, merged = build(tmp_path, lora(init_lora_weights="pissa"), train=save_residual(res_dir))
+    with pytest.raises(InputError, match="cannot be written as a LoRA adapter exactly"):
+        mitigate(str(base), str(adapter), tmp_path / "a", format="adapter")
+    out = tmp_path / "out"
+    result = mitigate(str(base), str(adapter), out, lam=1.0, k=4, residual_base=str(res_dir) if residual else None)
+    assert result.output["format"] == "merged"
+    m, o = Checkpoint(merged), Checkpoint(out)
+    for name in m.keys():
+        assert torch.allclose(o.get(name).double(), m.get(name).double(), atol=1e-5), name
