@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lorascope import scan
+from lorascope.errors import InputError
 from lorascope.io.layout import orient
 
 K, EPS = 6, 0.5
@@ -176,3 +177,30 @@ def test_tuner_scan_equals_merged_oracle(tmp_path, one_thread, name):
     base, adapter, merged = build(tmp_path, _configs()[name], model=model)
     worst = assert_matches_oracle(base, adapter, merged)
     print(f"{name}: max |Δ max-cos| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("name", ["ADAMSS", "GLORA", "IA3", "OFT", "VERA"])
+def test_tuner_on_a_base_with_biases(tmp_path, one_thread, name):
+    """The module is rebuilt with the base's own bias (AdaMSS factors [W | b]; GLoRA changes b)."""
+    cfg = _configs()[name]
+    cfg.target_modules = {"query", "dense"}
+    if name == "IA3":
+        cfg.feedforward_modules = {"dense"}
+    base, adapter, merged = build(tmp_path, cfg, model=tiny_bert())
+    assert_matches_oracle(base, adapter, merged)
+
+
+def test_mitigate_refuses_adapters_that_change_biases(tmp_path, one_thread):
+    import peft
+
+    from lorascope import mitigate
+
+    cfg = peft.GloraConfig(r=4, target_modules=["query", "dense"])
+    base, adapter, _ = build(tmp_path / "glora", cfg, model=tiny_bert())
+    with pytest.raises(InputError, match=r"GLORA adapter also changes the biases of \d+ module"):
+        mitigate(str(base), str(adapter), tmp_path / "out", k=4)
+    assert not (tmp_path / "out").exists()
+    cfg = peft.LoraConfig(r=4, target_modules=["query"], lora_bias=True)
+    base, adapter, _ = build(tmp_path / "lb", cfg, model=tiny_bert())
+    with pytest.raises(InputError, match="lora_bias"):
+        mitigate(str(base), str(adapter), tmp_path / "out", k=4, format="merged")

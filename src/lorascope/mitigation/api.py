@@ -103,8 +103,9 @@ def mitigate(
         raise InputError(f"{tuned}: {what} cannot be written as a LoRA adapter exactly; use --format merged")
     if compress is not None and format != "adapter":
         raise InputError("--compress re-factorises LoRA modules: it needs --format adapter")
-    if format == "adapter" and getattr(tuned_src, "config", {}).get("lora_bias"):
-        raise InputError(f"{tuned}: adapters with lora_bias are not supported")
+    if getattr(tuned_src, "config", {}).get("lora_bias"):
+        raise InputError(f"{tuned}: adapters with lora_bias are not supported (they change biases, which "
+                         "mitigate does not write)")
 
     pairs, unpaired = pair_matrices(base_ckpt, tuned_src, opts)
     settings = dict(
@@ -120,6 +121,11 @@ def mitigate(
             matrices, files = writers.write_adapter(run, pairs, tmp, compress)
         else:
             matrices, files, dropped = writers.write_merged(run, pairs, tmp)
+            biased = getattr(tuned_src, "bias_changes", list)()
+            if biased:
+                raise InputError(f"{tuned}: the {tuned_src.label} adapter also changes the biases of {len(biased)} "
+                                 f"module(s) (e.g. '{biased[0]}'), which a merged output written from ΔW would "
+                                 "lose; mitigate does not support it")
             if dropped:
                 unpaired["adapter_weights_not_in_base"] = dropped
         result = MitigationResult(

@@ -324,6 +324,7 @@ class PeftAdapter:
             if not ref.startswith("saved:"):
                 self._targets[ref] = (base_kinds[base_name], tuple(base.shape(base_name)))
                 self._base_names[ref] = base_name
+        self._base = base
         if self.residual is not None:
             self._pair_residual(base, out)
         return out
@@ -421,10 +422,15 @@ class PeftAdapter:
             overrides = {"init_lora_weights": True} if self.peft_type == "LORA" and res.mutates_base(self.init) else {}
             self._merge = PeftMerge(self.config, self.weights.get, self._targets,
                                     {m: list(r.values()) for m, r in self._modules.items()}, self._shared,
-                                    self.file, overrides)
+                                    self.file, overrides, self._base_bias)
         stored = unorient(base, kind, self._targets[module][1])
         merged = self._merge.merged(module, stored).to(W0.device)
         return (orient(merged, kind) - W0_64).to(W0.dtype)
+
+    def _base_bias(self, module: str) -> torch.Tensor | None:
+        name = self._base_names[module]
+        bias = name[: -len("weight")] + "bias" if name.endswith(".weight") else None
+        return self._base.get(bias, check_finite=False) if bias is not None and bias in self._base else None
 
     def _token_delta(self, module: str, key: str, W0: torch.Tensor, kind: str) -> torch.Tensor:
         """Trainable tokens replace rows of the stored weight (``TrainableTokensLayer.merge``)."""
@@ -451,6 +457,12 @@ class PeftAdapter:
         if not isinstance(spec, list) or not all(_is_int(i) for i in spec):
             raise InputError(f"{self.config_file}: field '{field}' gives no list of token indices for '{module}'")
         return spec
+
+    def bias_changes(self) -> list[str]:
+        """Modules whose bias the adapter changes too (lora_bias; IA3, GLoRA, … as seen while merging):
+        a weight-matrix scan ignores biases, a merged output written from ΔW alone would lose them."""
+        plain = [m for m, roles in self._modules.items() if "B_bias" in roles]
+        return sorted(set(plain) | (self._merge.bias_changed if self._merge is not None else set()))
 
     # -- LoRA bookkeeping ----------------------------------------------------------------------------
     def factor_keys(self, module: str) -> tuple[str, str]:

@@ -75,7 +75,7 @@ class PeftMerge:
 
     def __init__(self, config: dict[str, Any], get, targets: dict[str, tuple[str, tuple[int, ...]]],
                  module_keys: dict[str, list[str]], shared_keys: list[str], where: str,
-                 overrides: dict[str, Any] | None = None):
+                 overrides: dict[str, Any] | None = None, bias_of=None):
         self.raw = config
         self.get = get
         self.targets = targets
@@ -83,7 +83,9 @@ class PeftMerge:
         self.shared_keys = shared_keys
         self.where = where
         self.overrides = overrides or {}
+        self.bias_of = bias_of or (lambda module: None)  # the base's bias of a module, or None
         self._whole: bool | None = None  # does the skeleton need every adapted module?
+        self.bias_changed: set[str] = set()  # modules whose bias the merge changed (IA3, GLoRA, …)
 
     # -- the PEFT config ---------------------------------------------------------------------
     def peft_config(self):
@@ -147,14 +149,17 @@ class PeftMerge:
         if hasattr(target, "unload_and_optionally_merge_module"):
             merged = target.unload_and_optionally_merge_module(merge=True, safe_merge=False,
                                                                adapter_names=["default"])
-            weight = merged.weight
+            weight, bias = merged.weight, getattr(merged, "bias", None)
         else:
             if not hasattr(target, "merge"):
                 raise InputError(f"{self.where}: PEFT did not adapt '{module}' from this config")
             target.merge(adapter_names=["default"])
             if "default" not in getattr(target, "merged_adapters", ["default"]):
                 raise InputError(f"{self.where}: PEFT did not merge the adapter into '{module}'")
-            weight = target.get_base_layer().weight
+            weight, bias = target.get_base_layer().weight, getattr(target.get_base_layer(), "bias", None)
+        original = self._original_bias
+        if bias is not None and original is not None and not torch.equal(bias.detach().to(original), original):
+            self.bias_changed.add(module)
         weight = weight.detach().to(torch.float64)
         if tuple(weight.shape) != tuple(W.shape):
             raise MismatchError(
@@ -167,10 +172,15 @@ class PeftMerge:
         import peft
 
         layers: dict[str, torch.nn.Module] = {}
+        self._original_bias: torch.Tensor | None = None
         for path, (kind, shape) in self.targets.items():
             if path == module:  # float32: PEFT's inits refuse float64 (they run in float32 on real models too)
                 layer = make_layer(kind, tuple(W.shape), "cpu", torch.float32)
                 layer.weight.data.copy_(W)
+                bias = self.bias_of(module)
+                if bias is not None:  # the base's own bias: some tuners use it, and some change it
+                    layer.bias = torch.nn.Parameter(bias.detach().to("cpu", torch.float32).clone())
+                    self._original_bias = layer.bias.detach().to(torch.float64).clone()
                 layers[path] = layer
             elif whole:  # shapes only: a zero-stride weight, no memory (not the meta device: PEFT moves
                 # shared state to the device of every layer it adapts, and meta tensors hold no data)
