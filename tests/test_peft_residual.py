@@ -192,3 +192,27 @@ def test_mitigate_writes_the_merged_model(tmp_path, one_thread, residual):
     m, o = Checkpoint(merged), Checkpoint(out)
     for name in m.keys():
         assert torch.allclose(o.get(name).double(), m.get(name).double(), atol=1e-5), name
+
+
+def test_relabelled_pissa_adapter_warns(tmp_path, one_thread):
+    """PEFT's PiSSA recipe trains an adapter saved with init_lora_weights=True on the residual model:
+    its config says plain LoRA. The scan warns and points to --residual-base."""
+    residual = tmp_path / "residual"
+
+    def train(pm):
+        copy.deepcopy(pm).unload().save_pretrained(residual)
+        perturb(pm, scale=0.01)  # training moves the factors a little from their PiSSA init
+
+    base, adapter, merged = build(tmp_path, lora(init_lora_weights="pissa"), train=train)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"close to what a PISSA init moves out of W_0.*--residual-base"):
+        scan(str(base), str(adapter), k=4)
+    assert_matches_oracle(base, adapter, merged, residual_base=str(residual))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    b, a, _ = build(plain, lora())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan(str(b), str(a), k=4)

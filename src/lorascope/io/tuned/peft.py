@@ -177,6 +177,13 @@ class PeftAdapter:
         self.peft_type = check_config(config, self.config_file)
         self.config = config
         self._merge: PeftMerge | None = None
+        self._looked = False  # has one module been checked for factors relative to a residual base?
+        if self.peft_type != "LORA":  # PEFT's own checks of the tuner's fields, before any tensor is read
+            try:
+                PeftMerge(config, None, {}, {}, [], self.config_file).peft_config()
+            except Exception as e:
+                raise InputError(f"{self.config_file}: PEFT rejects this {self.peft_type} config "
+                                 f"({type(e).__name__}: {e})") from e
         self._targets: dict[str, tuple[str, tuple[int, ...]]] = {}  # module -> (kind, stored shape)
         self._base_names: dict[str, str] = {}  # module -> base tensor name
         self._residual_names: dict[str, str] = {}  # base tensor name -> residual tensor name
@@ -353,6 +360,8 @@ class PeftAdapter:
             return self._token_delta(ref, roles["tokens"], W0, kind)
         if self.plain:
             d = self._lora_delta(ref, roles, W0, kind)
+            if self.kind == "lora" and not self._looked:
+                self._look_for_a_residual_base(ref, d, W0, kind)
             if self.residual is not None:
                 return (self._residual_delta(ref, W0, kind) + d.to(W0.device, torch.float64).dense()).to(W0.dtype)
             if self._mutated(kind):
@@ -361,6 +370,33 @@ class PeftAdapter:
                 return LowRankDelta(B.to(W0.dtype), torch.cat([d.A.to(torch.float64), A_M], 0).to(W0.dtype), 1.0)
             return d
         return self._peft_delta(ref, W0, kind)
+
+    def _look_for_a_residual_base(self, ref: str, d: LowRankDelta, W0: torch.Tensor, kind: str) -> None:
+        """Warn when a 'plain' LoRA looks trained on a residual base: PEFT's PiSSA recipe saves the
+        initial adapter with init_lora_weights rewritten to true and trains it on the residual model,
+        so its config says plain LoRA while s·B A still holds W_0's principal part (PiSSA) or the
+        projection on its first columns (OLoRA). One module is checked, at the cost of one SVD."""
+        self._looked = True
+        if kind not in ("linear", "conv1d") or d.rank >= min(W0.shape):
+            return
+        with torch.no_grad():
+            D = d.to(W0.device, torch.float64).dense()
+            for init in res.EXACT:
+                try:
+                    B_M, A_M = res.mutation(init, W0, kind, d.rank, d.scale, ref)
+                except InputError:
+                    continue
+                M = B_M @ A_M
+                if float(torch.linalg.matrix_norm(D - M)) < 0.5 * float(torch.linalg.matrix_norm(M)):
+                    import warnings
+
+                    warnings.warn(
+                        f"{self.file}: the LoRA update of '{ref}' is close to what a {init.upper()} init moves out of "
+                        f"W_0 (‖s·BA − M‖ < ‖M‖/2), but {self.config_file} says init_lora_weights="
+                        f"{self.config.get('init_lora_weights', True)!r}: if this adapter was trained on a residual "
+                        f"model, ΔW against the original base is wrong; pass that model as residual_base / "
+                        "--residual-base", stacklevel=4)
+                    return
 
     def _lora_delta(self, ref: str, roles: dict[str, str], W0: torch.Tensor, kind: str) -> LowRankDelta:
         # Conv2d LoRA stores A as (r, in, kh, kw) and B as (out, r, 1, 1): flatten like W0

@@ -121,13 +121,15 @@ class PeftMerge:
     def _merged(self, module: str, W: torch.Tensor) -> torch.Tensor:
         import peft
 
+        pm = None
         if self._whole is None:
             tuner = peft.PEFT_TYPE_TO_TUNER_MAPPING[self.raw["peft_type"]]
             self._whole = bool(self.shared_keys) or bool(getattr(tuner, "uses_shared_state", False))
             if not self._whole:  # state outside the layers that the class does not declare (RandLoRA)
                 pm = self._build(module, W, whole=False)
                 self._whole = any(not n.startswith("model.") for n, _ in pm.base_model.state_dict().items())
-        pm = self._build(module, W, whole=self._whole)
+        if pm is None or self._whole:
+            pm = self._build(module, W, whole=self._whole)
         expected = set(peft.get_peft_model_state_dict(pm).keys())
         mine = PREFIX + module + "."
         keys = set(self.module_keys[module]) | set(self.shared_keys)
