@@ -125,11 +125,11 @@ def check_config(config: dict[str, Any], where: str) -> str:
         raise InputError(f"{where}: field 'peft_type' is '{ptype}', a tuner that PEFT {peft.__version__} does not "
                          f"know (known: {known})")
     if ptype == "ADALORA":
-        _check_lora(config, where, adalora=True)
+        _check_lora(config, where)
     return ptype
 
 
-def _check_lora(config: dict[str, Any], where: str, adalora: bool = False) -> None:
+def _check_lora(config: dict[str, Any], where: str) -> None:
     for key, why in _LORA_REFUSED.items():
         if config.get(key):
             raise InputError(f"PEFT tuner LORA with '{key}' is not supported because {why} ({where})")
