@@ -39,9 +39,9 @@ def _root() -> None:
 @app.command()
 def scan(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
-    tuned: list[str] = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder or "
-                                      "kohya LoRA file; several, a folder of adapters or a quoted glob scan "
-                                      "each against one read of the base."),
+    tuned: list[str] = typer.Argument(..., help="Fine-tuned model (folder, file, hub id), PEFT adapter folder, "
+                                      "kohya, diffusers or LyCORIS file, or `lorascope train` run folder; several, a "
+                                      "folder of adapters or a quoted glob scan each against one read of the base."),
     k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
     epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
     side: str = typer.Option(scan_default("side"), help="left (paper), right or both singular vectors."),
@@ -58,6 +58,8 @@ def scan(
                                      "recently used go)."),
     streams: int = typer.Option(scan_default("streams"), help="Matrices analysed at once (default: 8 on a GPU if "
                                 "memory allows, 1 on the CPU)."),
+    residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
+                                             "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
 ) -> None:
     """Find intruder dimensions (paper Alg. 1) in every weight matrix a fine-tune or adapter changed.
     Under `torchrun --nproc-per-node N -m lorascope scan ...` the matrices are split over N ranks."""
@@ -78,7 +80,7 @@ def scan(
     if out is not None:
         inputs = {f"tuned ({label})": spec for label, spec in zip(labels, specs, strict=True)}
         guard_output(out, {"base": base, **inputs})
-    results = scan_many(base, specs, options, progress=distributed.is_main())
+    results = scan_many(base, specs, options, progress=distributed.is_main(), residual_base=residual_base)
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
     if len(results) == 1:
@@ -155,6 +157,8 @@ def mitigate(
     embeddings: bool = typer.Option(scan_default("embeddings"), help="Also mitigate embedding matrices."),
     device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
+                                             "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
 ) -> None:
     """Scale intruder dimensions by λ (paper §5) and write a working adapter or model."""
     from lorascope.mitigation.api import mitigate as run_mitigate
@@ -162,7 +166,8 @@ def mitigate(
 
     options = ScanOptions(k=k, epsilon=epsilon, modules=modules, embeddings=embeddings, device=device)
     result = run_mitigate(base, tuned, out, lam=lam, which=which, control=control, format=format,
-                          compress=compress, overwrite=overwrite, progress=True, options=options)
+                          compress=compress, overwrite=overwrite, progress=True, options=options,
+                          residual_base=residual_base)
     s = result.summary()
     console.print(f"scaled {s['n_directions']} direction(s) in {s['n_changed']} of {s['n_matrices']} matrices "
                   f"(λ={lam}, which={which}, control={result.settings['control'] or 'none'}); "

@@ -110,7 +110,11 @@ class ScanResult(Result):
         return int(self.settings["k"])
 
     def summary(self, epsilon: float | None = None, k: int | None = None) -> dict[str, Any]:
-        return summarize(self.matrices, self.epsilon if epsilon is None else epsilon, k or self.k)
+        """Counts at (ε, k'), any ε and any k' ≤ the scan's k (a larger k' would need vectors the scan
+        never computed: an InputError, not a silent recount at the stored k)."""
+        if k is not None:
+            check_k(k, self.k)
+        return summarize(self.matrices, self.epsilon if epsilon is None else epsilon, self.k if k is None else k)
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per record (lists as JSON strings), for CSV, Parquet and pandas."""
@@ -292,8 +296,20 @@ def check_formats(formats: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
 
 
 # -- derived views -------------------------------------------------------------------------------
+def check_k(k: Any, stored: int) -> None:
+    """A k to recount at: a whole number from 1 to the k the records were computed with."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a whole number of at least 1, got {k!r}")
+    if k > stored:
+        raise InputError(f"k={k} exceeds the scan's k={stored}: only the top {stored} singular vectors of each "
+                         f"matrix were tested; scan again with k={k}")
+
+
 def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, Any]:
     """Model-level counts at (ε, k), plus the ε-curve at k and the k-curve at ε, per side."""
+    computed = [len(r.max_cos) for r in records if r.max_cos]
+    if computed:
+        check_k(k, min(computed))
     out: dict[str, Any] = {"epsilon": epsilon, "k": k, "sides": {}}
     for side in sorted({r.side for r in records}):
         recs = [r for r in records if r.side == side]

@@ -60,6 +60,7 @@ def mitigate(
     overwrite: bool = False,
     progress: bool = False,
     options: ScanOptions | None = None,
+    residual_base: str | None = None,
     **scan_settings,
 ) -> MitigationResult:
     """Scale the intruder dimensions of a fine-tune by λ (paper §5, Eq. 1) and write the result.
@@ -71,7 +72,8 @@ def mitigate(
     ``control="neighbour"`` scales the best-matching pre-trained directions instead (Eq. 2).
     ``compress=R`` refactorises every changed adapter module to rank R. Which intruders: ``k``,
     ``epsilon``, ``modules``, ``embeddings`` and ``device`` as in ``scan`` (``options`` or keywords;
-    the arithmetic is always float64). Writes OUT/mitigation.json too and returns the
+    the arithmetic is always float64). ``residual_base``: as in ``scan``, the model a PEFT adapter from
+    a base-changing init (PiSSA, …) was trained on. Writes OUT/mitigation.json too and returns the
     ``MitigationResult``; ``out`` must not exist unless ``overwrite``, and never is, contains or lies
     inside one of the inputs.
     """
@@ -89,17 +91,21 @@ def mitigate(
     control = _check_args(lam, which, control, format, compress)
     dev = resolve_device(opts.device)
     base_ckpt = Checkpoint(base)
-    tuned_src = open_tuned(tuned)
-    guard_output(out, {"base": base_ckpt.root, "tuned": tuned_src.root})
+    tuned_src = open_tuned(tuned, residual_base)
+    inputs = {"base": base_ckpt.root, "tuned": tuned_src.root}
+    if residual_base is not None:
+        inputs["residual base"] = tuned_src.residual.root
+    guard_output(out, inputs)
     if format == "auto":
         format = "adapter" if tuned_src.kind == "lora" else "merged"
     if format == "adapter" and tuned_src.kind != "lora":
-        what = "a full fine-tune" if tuned_src.kind == "full" else f"a {tuned_src.peft_type} adapter"
+        what = "a full fine-tune" if tuned_src.kind == "full" else f"a {tuned_src.label} adapter"
         raise InputError(f"{tuned}: {what} cannot be written as a LoRA adapter exactly; use --format merged")
     if compress is not None and format != "adapter":
         raise InputError("--compress re-factorises LoRA modules: it needs --format adapter")
-    if format == "adapter" and getattr(tuned_src, "config", {}).get("lora_bias"):
-        raise InputError(f"{tuned}: adapters with lora_bias are not supported")
+    if getattr(tuned_src, "config", {}).get("lora_bias"):
+        raise InputError(f"{tuned}: adapters with lora_bias are not supported (they change biases, which "
+                         "mitigate does not write)")
 
     pairs, unpaired = pair_matrices(base_ckpt, tuned_src, opts)
     settings = dict(
@@ -107,12 +113,19 @@ def mitigate(
         which=which, control=control, format=format, compress=compress, modules=opts.modules,
         embeddings=opts.embeddings, device=str(dev), dtype="float64",
     )
+    if residual_base is not None:
+        settings["residual_base"] = str(residual_base)
     run = writers.Run(base_ckpt, tuned_src, opts.k, opts.epsilon, lam, which, control, dev, progress)
     with atomic_dir(out, overwrite) as tmp, torch.no_grad():
         if format == "adapter":
             matrices, files = writers.write_adapter(run, pairs, tmp, compress)
         else:
             matrices, files, dropped = writers.write_merged(run, pairs, tmp)
+            biased = getattr(tuned_src, "bias_changes", list)()
+            if biased:
+                raise InputError(f"{tuned}: the {tuned_src.label} adapter also changes the biases of {len(biased)} "
+                                 f"module(s) (e.g. '{biased[0]}'), which a merged output written from ΔW would "
+                                 "lose; mitigate does not support it")
             if dropped:
                 unpaired["adapter_weights_not_in_base"] = dropped
         result = MitigationResult(

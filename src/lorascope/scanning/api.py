@@ -26,19 +26,24 @@ def scan(
     *,
     progress: bool = False,
     basis: BasisFn | None = None,
+    residual_base: str | None = None,
     **settings: Any,
 ) -> ScanResult:
     """Compare a fine-tuned model or adapter with its base (paper Alg. 1 on every matrix).
 
     ``base``: HF model folder, weight file or hub id. ``tuned``: the same for a full fine-tune, a
-    PEFT adapter folder or a kohya LoRA file. Settings come as ``options`` or as keywords of
+    PEFT adapter folder, a kohya, diffusers or LyCORIS file, or a ``lorascope train`` run folder.
+    ``residual_base``: for a PEFT adapter whose init changed the base (PiSSA, OLoRA, CorDA, LoRA-GA,
+    LoftQ) and was saved relative to it, the model saved right after the init (W_res); ΔW = W_res +
+    update − W_0 is then measured against ``base``. Settings come as ``options`` or as keywords of
     ``ScanOptions`` (``k=10, epsilon=0.5, side="left", modules=None, embeddings=False,
     device="auto", dtype="float32", cache_dir=None, cache_budget="20GB", streams=None``).
     ``basis``: a hook ``(key, W) -> SVD`` that supplies base bases (wins over ``cache_dir``).
     Under torchrun the matrices are split over the ranks. Returns a ``ScanResult``;
     ``result.save(dir)`` writes scan.json.
     """
-    return scan_many(base, [tuned], options, progress=progress, basis=basis, **settings)[0]
+    return scan_many(base, [tuned], options, progress=progress, basis=basis, residual_base=residual_base,
+                     **settings)[0]
 
 
 def scan_many(
@@ -48,6 +53,7 @@ def scan_many(
     *,
     progress: bool = False,
     basis: BasisFn | None = None,
+    residual_base: str | None = None,
     **settings: Any,
 ) -> list[ScanResult]:
     """``scan`` of several fine-tunes or adapters of one base at once: each base matrix is read and
@@ -71,7 +77,7 @@ def scan_many(
     t0 = time.perf_counter()
     warming = warm_up(dev)  # overlaps the opening and pairing below
     base_ckpt = Checkpoint(base)
-    sources = [open_tuned(t) for t in tuned]
+    sources = [open_tuned(t, residual_base) for t in tuned]
     paired = [pair_matrices(base_ckpt, src, opts) for src in sources]
     jobs = jobs_of(base_ckpt, [pairs for pairs, _ in paired])
     cache = BasisCache(opts.cache_dir, opts.cache_budget) if opts.cache_dir and basis is None else None
@@ -99,6 +105,8 @@ def scan_many(
             modules=opts.modules, embeddings=opts.embeddings, device=str(dev), dtype=opts.dtype,
             base_basis_dtype="float64",
         )
+        if residual_base is not None:
+            settings_out["residual_base"] = str(residual_base)
         timing: dict[str, Any] = {"seconds": seconds, "n_matrices": len(pairs)}
         if len(sources) > 1:
             timing["scanned_together"] = len(sources)  # seconds: the whole batch's
