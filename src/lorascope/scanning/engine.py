@@ -177,7 +177,7 @@ def scan_records(
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), p.kind)
             require_finite(W0, item.base_file, p.name)
             delta = _delta(item, tuned, W0, device, dtype)
-            basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
+            basis_fn = basis or (hook.basis_for(item.extra, item.W0) if hook is not None else default_basis)
             return analyze_matrix(p.name, p.kind, W0, delta, k, epsilon, sides, basis_fn)
 
     if own_streams:
