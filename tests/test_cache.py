@@ -636,3 +636,172 @@ def test_the_generic_hook_certifies_too(tmp_path, llama_lora):
         again = scan(str(base), str(adapter), device="cpu", basis=cache)
     assert cache.stats["rejected"] == len(entries)
     _same_records(again, plain)
+
+
+# -- garbage in the cache folder: a rebuilt index or a clear error, never a traceback --------------
+def _damage_index(index, how: str) -> None:
+    if how == "random bytes":
+        index.write_bytes(os.urandom(8192))
+    elif how == "truncated":
+        data = index.read_bytes()
+        assert len(data) >= 4 * 4096  # a few pages: the tables' pages are cut off
+        index.write_bytes(data[: len(data) // 2])
+    elif how == "text":
+        index.write_text('{"this": "is not a database"}\n')
+    elif how == "directory":
+        index.unlink()
+        (index / "junk").mkdir(parents=True)
+    elif how == "foreign database":
+        index.unlink()
+        db = sqlite3.connect(index)
+        db.execute("CREATE TABLE entries (id INTEGER, blob BLOB)")
+        db.execute("INSERT INTO entries VALUES (1, x'00ff')")
+        db.commit()
+        db.close()
+    for suffix in ("-wal", "-shm"):
+        side = index.with_name(index.name + suffix)
+        if side.exists() and how != "directory":
+            side.write_bytes(os.urandom(64))
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated", "text", "directory", "foreign database"])
+def test_a_damaged_index_is_moved_aside_and_rebuilt(tmp_path, llama_lora, how):
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
+    cache_dir = tmp_path / "cache"
+    plain = scan(str(base), str(adapter), device="cpu")
+    scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    n_files = len(list((cache_dir / "bases").glob("*/*.safetensors")))
+    _damage_index(cache_dir / "index.sqlite", how)
+    with pytest.warns(CacheWarning, match=r"index\.sqlite: .*; moved it to index\.sqlite\.corrupt-"):
+        again = scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    _same_records(again, plain)
+    assert list(cache_dir.glob("index.sqlite.corrupt-*"))
+    cache = BasisCache(cache_dir)  # the new index knows every entry file again (for the budget)
+    assert cache.size() == sum(f.stat().st_size for f in (cache_dir / "bases").glob("*/*.safetensors"))
+    assert len(list((cache_dir / "bases").glob("*/*.safetensors"))) == n_files
+    assert cache.stats["rejected"] == 0
+
+
+def test_old_memo_layout_and_foreign_rows_are_dropped(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    db = sqlite3.connect(root / "index.sqlite")
+    db.execute("CREATE TABLE memo (path TEXT, size INTEGER, mtime INTEGER, tensor TEXT, digest TEXT, "
+               "PRIMARY KEY (path, size, mtime, tensor))")  # an earlier version's memo
+    db.execute("CREATE TABLE entries (key TEXT PRIMARY KEY, nbytes INTEGER, last_used REAL)")
+    sentinel = tmp_path / "sentinel.safetensors"
+    sentinel.write_text("not the cache's to delete")
+    db.executemany("INSERT INTO entries VALUES (?, ?, ?)", [
+        ("../../sentinel", 10**12, 0.0),  # a path out of bases/, and a size that forces eviction
+        ("bad-size", "lots", 0.0), (None, 1, 0.0), ("no-time", 1, "yesterday")])
+    db.commit()
+    db.close()
+    cache = BasisCache(root, budget="1MB")
+    rows = cache._db.execute("SELECT key FROM entries").fetchall()
+    assert rows == [("../../sentinel",)]  # rows of foreign types are gone at once
+    cache.store("k", torch.randn(8, 8), torch.rand(8))  # evicts the huge row: its key is not followed
+    assert sentinel.exists() and cache._db.execute("SELECT key FROM entries").fetchall() == [("k",)]
+    f = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(f))
+    cache._db.execute("INSERT INTO memo VALUES (?, 'w', ?, ?, ?, ?, ?, 'not-a-digest')",
+                      (str(f.resolve()), *[getattr(os.stat(f), a) for a in
+                                           ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")]))
+    w = torch.randn(4, 4)
+    assert cache.lookup(f, "w", w) == (tensor_digest(w), False)  # a garbage digest is never used
+
+
+def test_garbage_entry_files_are_repaired(tmp_path, llama_lora):
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
+    cache_dir = tmp_path / "cache"
+    plain = scan(str(base), str(adapter), device="cpu")
+    scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    files = sorted((cache_dir / "bases").glob("*/*.safetensors"))
+    files[0].unlink()
+    files[0].mkdir()  # a directory where an entry should be
+    (files[0] / "x").write_text("x")
+    files[1].write_bytes(b"")  # empty
+    folder = files[2].parent  # a file where a folder of entries should be
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+    folder.write_text("in the way")
+    with pytest.warns(CacheWarning) as caught:
+        again = scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    _same_records(again, plain)
+    text = " | ".join(str(w.message) for w in caught)
+    assert f"{files[0]}: the cached basis of '" in text and "is in the way of a cache entry" in text
+    assert files[0].is_file() and files[1].stat().st_size > 0 and files[2].is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        _same_records(scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir)), plain)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``make(folder)`` makes a folder read-only: permissions, or (as root, whom they do not stop) a
+    read-only bind mount, undone afterwards."""
+    mounts = []
+
+    def make(folder):
+        if os.geteuid() != 0:
+            for p in [folder, *folder.rglob("*")]:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            return
+        import subprocess
+
+        ok = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
+        if ok:
+            mounts.append(folder)
+            ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode == 0
+        if not ok:
+            pytest.skip("cannot make a read-only folder here (root, and no bind mounts)")
+
+    yield make
+    import subprocess
+
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)
+    if os.geteuid() != 0:
+        for p in [tmp_path, *tmp_path.rglob("*")]:
+            with __import__("contextlib").suppress(OSError):
+                p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_a_read_only_cache_folder_is_read_and_certified_but_not_written(tmp_path, llama_lora, read_only):
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
+    cache_dir = tmp_path / "cache"
+    plain = scan(str(base), str(adapter), device="cpu")
+    scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    before = sorted((p.relative_to(cache_dir), p.stat().st_mtime_ns) for p in cache_dir.rglob("*"))
+    read_only(cache_dir)
+    with pytest.warns(CacheWarning, match="read-only: cached bases are read") as caught:
+        again = scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir))
+    _same_records(again, plain)
+    assert not any("failed" in str(w.message) or "unreadable" in str(w.message) for w in caught)
+    assert sorted((p.relative_to(cache_dir), p.stat().st_mtime_ns) for p in cache_dir.rglob("*")) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    read_only(empty)
+    with pytest.warns(CacheWarning, match="read-only"):
+        _same_records(scan(str(base), str(adapter), device="cpu", cache_dir=str(empty)), plain)
+    assert not list(empty.iterdir())
+
+
+def test_cli_garbage_index_warns_and_a_file_in_the_way_exits_2(tmp_path, llama_lora):
+    import subprocess
+    import sys
+
+    base, adapter, _ = llama_lora(**_CACHE_PAIR)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "index.sqlite").write_bytes(os.urandom(4096))
+    cmd = [sys.executable, "-m", "lorascope", "scan", str(base), str(adapter), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([*cmd, "--cache-dir", str(cache_dir)], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "CacheWarning" in ok.stderr and "moved it to index.sqlite.corrupt-" in ok.stderr
+    assert "Traceback" not in ok.stderr
+    (tmp_path / "file").write_text("x")
+    bad = subprocess.run([*cmd, "--cache-dir", str(tmp_path / "file" / "cache")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "cannot create the cache folder" in bad.stderr and "Traceback" not in bad.stderr

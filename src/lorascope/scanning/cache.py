@@ -621,6 +621,11 @@ class BasisCache:
     def hook(self, dtype: torch.dtype, sides: tuple[str, ...] = ("left",)) -> ScanHook:
         return ScanHook(self, dtype, sides)
 
+    def checkpoint(self) -> None:
+        """Copy the index's write-ahead log into index.sqlite (done at the end of each scan)."""
+        with contextlib.suppress(sqlite3.Error, InputError):
+            self._sql("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
         if self._db is not None:
             with self._lock:
@@ -764,4 +769,5 @@ class ScanHook:
         """Wait for pending writes (called when the scan ends, also on error)."""
         self._queue.put(None)
         self._writer.join()
+        self.cache.checkpoint()
         self._raise_writer_error()
