@@ -220,7 +220,7 @@ def scan_jobs(
             require_real(item.W0, item.base_file, job.name)
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), job.kind)
             require_finite(W0, item.base_file, job.name)
-            basis_fn = basis or (hook.basis_for(item.extra) if hook is not None else default_basis)
+            basis_fn = basis or (hook.basis_for(item.extra, item.W0) if hook is not None else default_basis)
             bases: dict[str, SVD] = {}
 
             def basis_once(key: str, W: torch.Tensor) -> SVD:  # one decomposition per side, for every source
