@@ -301,8 +301,10 @@ def evaluate_cmd(
 ) -> None:
     """Measure a metric on the base and the tuned model, with the relative change (forgetting)."""
     from lorascope.evaluate import evaluate
-    from lorascope.io.writers import atomic_write_json
+    from lorascope.io.writers import atomic_write_json, guard_output
 
+    if out is not None:  # before the work: the JSON must never land on a model, adapter or data file
+        guard_output(out, {"model": model, "adapter": adapter, "data": data})
     r = evaluate(model, adapter, metric, data, max_examples=max_examples, batch_size=batch_size,
                  max_length=max_length, stride=stride, device=device, trust_remote_code=trust_remote_code)
 

@@ -95,15 +95,16 @@ def glob_escape(name: str) -> str:
     return glob.escape(name)
 
 
-def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], inside_ok: bool = False) -> None:
     """Refuse an output that is, contains or lies inside one of the command's inputs (``inputs``:
-    what the user calls it → path), so that writing or ``--overwrite`` can never touch the user's data."""
+    what the user calls it → path), so that writing or ``--overwrite`` can never touch the user's data.
+    ``inside_ok``: a new file may go inside an input folder (a report beside the results it draws)."""
     o = Path(out).expanduser().resolve()
     for role, p in inputs.items():
-        if p is None or str(p).startswith("<"):  # in-memory sources have no path
-            continue
+        if p is None or str(p).startswith("<") or not Path(p).expanduser().exists():
+            continue  # in-memory sources, hub ids and built-in task names are not the user's files
         p = Path(p).expanduser().resolve()
-        if o == p or o in p.parents or p in o.parents:
+        if o == p or o in p.parents or (p in o.parents and not inside_ok):
             where = "is" if o == p else "contains" if o in p.parents else "lies inside"
             raise InputError(f"--out {out} {where} the {role} input {p}; choose a folder outside the inputs")
 

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_write_bytes, atomic_write_text
+from lorascope.io.writers import atomic_write_bytes, atomic_write_text, guard_output
 from lorascope.report import figures, tables
 from lorascope.report.loader import ReportData, load
 
@@ -44,11 +44,18 @@ def build_report(
     most intruders in each run). Returns the path of the HTML file.
     """
     out = Path(out)
+    guard_output(out, {"results": path}, inside_ok=True)
+    if png_dir is not None:
+        guard_output(png_dir, {"results": path}, inside_ok=True)
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give the path of the HTML file to write")
     if n_maps < 1:
         raise InputError(f"--n-maps must be at least 1, got {n_maps}")
     data = load(path)
+    read = {Path(x.source.rsplit(":", 1)[0] if ":" in Path(x.source).name else x.source).resolve()
+            for x in [*data.runs, *data.mitigations, *getattr(data, "records", [])] if x.source}
+    if out.resolve() in read:  # a report over a folder may sit beside its results, never in place of one
+        raise InputError(f"--out {out} is one of the result files the report reads; choose another path")
     sections, plots = _sections(data, matrices, n_maps)
     atomic_write_text(out, render(data, sections))
     if png_dir is not None:

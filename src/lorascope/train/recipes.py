@@ -25,7 +25,7 @@ from lorascope.data import TaskData, load_task, subsample
 from lorascope.data.features import encode, make_loader
 from lorascope.errors import InputError, NonFiniteError
 from lorascope.evaluate.metrics import causal_lm_scores, score_examples
-from lorascope.io.writers import atomic_dir, atomic_write_json
+from lorascope.io.writers import atomic_dir, atomic_write_json, guard_output
 from lorascope.models import (
     RUN_FILE,
     RUN_FORMAT,
@@ -296,6 +296,7 @@ def train(
     ``out``. Deterministic for a given seed on CPU. ``callbacks``: see :func:`fine_tune`.
     """
     start = time.perf_counter()
+    guard_output(out, {"model": config.model, "task": config.task, "test file": config.test_file})
     with atomic_dir(out, overwrite) as tmp:
         ft = fine_tune(config, progress=progress, callbacks=callbacks)
         record = write_run(ft, tmp, wall_time_s=time.perf_counter() - start)

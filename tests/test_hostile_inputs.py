@@ -1,0 +1,128 @@
+"""Hostile and careless inputs through the CLI (docs/reliability.md): each gets exit code 2 and a
+message naming the culprit, no input file changes (sha256 before and after), and no output or
+temporary folder is left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lorascope.cli import main
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["lorascope", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def pair(tmp_path, llama_lora):
+    base, adapter, _ = llama_lora()
+    base2, _, _ = llama_lora(merged=False)  # the same files again: the fixture is seeded
+    (tmp_path / "scan").mkdir()
+    return base, adapter, tmp_path
+
+
+CASES = {
+    "bad --modules regex": (lambda b, a, t: ["scan", str(b), str(a), "--modules", "(["], "--modules '(['"),
+    "--format xml, refused before the scan": (lambda b, a, t: ["scan", str(b), str(a), "--format", "xml",
+                                                               "--out", str(t / "o")], "unknown output format 'xml'"),
+    "--out is an existing file": (lambda b, a, t: ["scan", str(b), str(a), "--out", str(b / "config.json")],
+                                  "config.json"),
+    "--out inside the adapter (scan)": (lambda b, a, t: ["scan", str(b), str(a), "--out", str(a / "x")],
+                                        "lies inside the tuned"),
+    "--out inside the adapter (mitigate)": (lambda b, a, t: ["mitigate", str(b), str(a), "--out", str(a / "x")],
+                                            "lies inside the tuned"),
+    "--out is the adapter, --overwrite (mitigate)": (lambda b, a, t: ["mitigate", str(b), str(a), "--out", str(a),
+                                                                      "--overwrite"], "is the tuned input"),
+    "--out is the base model (mitigate)": (lambda b, a, t: ["mitigate", str(b), str(a), "--out", str(b),
+                                                            "--overwrite"], "is the base input"),
+    "--out of train is the base model": (lambda b, a, t: ["train", str(b), "--task", "sst2", "--out", str(b),
+                                                          "--overwrite"], "is the model input"),
+    "missing tuned path": (lambda b, a, t: ["scan", str(b), str(t / "nope")], "nope: no such file or folder"),
+    "lambda out of range": (lambda b, a, t: ["mitigate", str(b), str(a), "--out", str(t / "m"), "--lam", "3"],
+                            "lambda must lie in [0, 2]"),
+    "k of zero": (lambda b, a, t: ["scan", str(b), str(a), "--k", "0"], "k must be"),
+    "epsilon above one": (lambda b, a, t: ["scan", str(b), str(a), "--epsilon", "1.5"], "epsilon must lie in (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_refuses_with_exit_2_and_touches_nothing(pair, capsys, case):
+    base, adapter, tmp = pair
+    argv, message = CASES[case][0](base, adapter, tmp), CASES[case][1]
+    before = {"base": digests(base), "adapter": digests(adapter)}
+    code, err = run_cli(argv, capsys)
+    assert code == 2, (case, err)
+    assert message in err and "Traceback" not in err, (case, err)
+    assert {"base": digests(base), "adapter": digests(adapter)} == before
+    leftovers = [p.name for p in tmp.rglob(".*tmp-*")] + [n for n in ("o", "m") if (tmp / n).exists()]
+    assert not leftovers, leftovers
+
+
+def test_report_never_replaces_the_scan_it_reads(pair, capsys):
+    base, adapter, tmp = pair
+    assert run_cli(["scan", str(base), str(adapter), "--out", str(tmp / "scan")], capsys)[0] == 0
+    scan_json = tmp / "scan" / "scan.json"
+    before = scan_json.read_bytes()
+    for out in (scan_json, tmp / "scan"):
+        code, err = run_cli(["report", str(scan_json), "--out", str(out)], capsys)
+        assert code == 2 and "scan.json" in err, err
+    code, err = run_cli(["report", str(tmp / "scan"), "--out", str(scan_json)], capsys)
+    assert code == 2 and "one of the result files the report reads" in err, err
+    assert scan_json.read_bytes() == before
+    assert run_cli(["report", str(tmp / "scan"), "--out", str(tmp / "scan" / "report.html")], capsys)[0] == 0
+
+
+def test_evaluate_output_never_replaces_weights(pair, capsys):
+    base, adapter, tmp = pair
+    weights = base / "model.safetensors"
+    before = weights.read_bytes()
+    code, err = run_cli(["evaluate", str(base), "--adapter", str(adapter), "--metric", "drift",
+                         "--out", str(weights)], capsys)
+    assert code == 2 and "model.safetensors" in err, err
+    assert weights.read_bytes() == before
+
+
+def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    broken = tmp / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in sd.items() if "lora_B" not in k}, str(broken / "adapter_model.safetensors"))
+    code, err = run_cli(["scan", str(base), str(broken)], capsys)
+    assert code == 2 and "lora_B" in err and "adapter_model.safetensors" in err, err
+    code, err = run_cli(["mitigate", str(base), str(broken), "--out", str(tmp / "m")], capsys)
+    assert code == 2 and not (tmp / "m").exists(), err
+
+
+def test_malformed_adapter_configs_are_errors(pair, capsys):
+    base, adapter, tmp = pair
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    for name, text in {"not json": "{", "a list": "[1]", "alpha a string": json.dumps({**cfg, "lora_alpha": "8"}),
+                       "unknown type": json.dumps({**cfg, "peft_type": "NOPE"})}.items():
+        bad = tmp / name.replace(" ", "_")
+        bad.mkdir()
+        (bad / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+        (bad / "adapter_config.json").write_text(text)
+        code, err = run_cli(["scan", str(base), str(bad)], capsys)
+        assert code == 2 and "adapter_config.json" in err and "Traceback" not in err, (name, err)
