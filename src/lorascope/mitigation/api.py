@@ -1,36 +1,8 @@
 """``lorascope.mitigate``: scale intruder dimensions by λ (paper §5) and write a working adapter or model.
 
-The maths of one matrix is ``spectral.edit`` (Eqs. 1-3 below); the outputs are ``mitigation.writers``.
-
-For one weight matrix in (out, in) layout, W_t = W_0 + ΔW with SVD W_t = Σ_j σ_j u_j v_jᵀ, and
-the intruders I ⊆ {0..k-1}: top-k left vectors u_j with max_i |cos(u_j, x_i)| < ε over all left
-singular vectors x_i of W_0 (Alg. 1). The intervention of §5 sets σ_j ← λσ_j for j ∈ I:
-
-    W_t' = W_t + (λ − 1) Σ_{j∈I} σ_j u_j v_jᵀ                                       (1)
-
-``which="top1"`` takes I = {the highest-ranked intruder} (the paper's experiment), ``which="all"``
-every intruder in the top-k (PEFT's ``reduce_intruder_dimension``). λ = 0 removes the directions,
-λ = 1 is the identity, λ ∈ [0, 2].
-
-Control (``control="neighbour"``): for each chosen intruder j, the pre-trained singular triplet it
-matches best, i* = argmax_i |cos(u_j, x_i)|, is scaled instead (each i* once):
-
-    W_t' = W_t + (λ − 1) Σ_{i*} σ⁰_{i*} x_{i*} y_{i*}ᵀ,   y_{i*} = W_0ᵀ x_{i*} / σ⁰_{i*}          (2)
-
-i.e. W_0's own σ⁰_{i*} becomes λσ⁰_{i*} and ΔW is untouched, so the same λ hits a direction the
-fine-tune did not create.
-
-Both corrections are rank p = |I| and are applied as C D with C = (λ−1) U_I Σ_I^½, D = Σ_I^½ V_Iᵀ.
-A LoRA update ΔW = s·B A then stays exact as a LoRA of rank r + p:
-
-    s·B' A' = s·B A + C D,   B' = [B | C / s],   A' = [A ; D]                        (3)
-
-with the module's rank and alpha in ``rank_pattern`` / ``alpha_pattern`` (α' = s·r', or s·√r' with
-rsLoRA) so that PEFT's scaling is s again; B and A are kept bit for bit. ``compress=R`` re-factorises
-s·B'A' to rank R by the SVD of its (r+p)×(r+p) core (QR of both factors; never an m×n SVD).
-
-All decompositions run in float64: the base basis by ``left_basis`` and the exact top-k of W_t by
-``exact_top_k``, so u_j, σ_j, v_j are the SVD's triplets to float64 accuracy and (1) is exact.
+The maths of one matrix, Eqs. (1)-(3) (W_t' = W_t + (λ − 1) Σ_{j∈I} σ_j u_j v_jᵀ, the neighbour
+control, and the exact rank r + p LoRA form), is ``spectral.edit``, in float64; the outputs, in the
+input's own adapter format or as a merged model, are ``mitigation.writers``.
 """
 
 from __future__ import annotations
