@@ -282,6 +282,13 @@ def test_trainable_tokens(tmp_path, one_thread):
     base, adapter, merged = build(tmp_path / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=T,
                                                                 trainable_token_indices=[1, 5, 7]))
     assert_matches_oracle(base, adapter, merged, embeddings=True)
+    # mitigate writes it merged (token rows are no LoRA factors); λ = 1 reproduces PEFT's merge
+    from lorascope.io.checkpoint import Checkpoint
+
+    result = mitigate(str(base), str(adapter), tmp_path / "out", lam=1.0, k=4, embeddings=True)
+    assert result.output["format"] == "merged"
+    m, o = Checkpoint(merged), Checkpoint(tmp_path / "out")
+    assert all(torch.allclose(o.get(n), m.get(n), atol=1e-6) for n in m.keys())
     base, adapter, merged = build(tmp_path / "tt", TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                          token_indices=[0, 3]))
     assert_matches_oracle(base, adapter, merged, embeddings=True)

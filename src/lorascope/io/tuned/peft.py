@@ -264,6 +264,8 @@ class PeftAdapter:
         if not self._modules and not self._saved:
             raise InputError(f"{self.file}: holds no {self.peft_type} adapter tensors"
                              + (f" (only shared state {self._shared[:2]})" if self._shared else ""))
+        if any("tokens" in roles for roles in self._modules.values()):
+            self.kind = "peft"  # rows of an embedding replaced: not writable as LoRA factors
         if self.peft_type == "LORA":
             for module, roles in self._modules.items():
                 self._check_factors(module, roles)
