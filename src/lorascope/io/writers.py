@@ -7,6 +7,7 @@ interrupted run leaves the destination untouched.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -68,7 +69,7 @@ def _os_errors(path: Path) -> Iterator[None]:
 def _remove_abandoned(out: Path) -> None:
     """Delete the temporary siblings (``.OUT.tmp-PID-…``, ``.OUT.old-PID``) that an interrupted run of
     a process no longer alive left behind; those of a live process are being written and stay."""
-    for p in out.parent.glob(f".{glob_escape(out.name)}.*-*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         rest = p.name[len(out.name) + 2:]
         kind, _, tail = rest.partition("-")
         pid = tail.split("-")[0]
@@ -88,11 +89,6 @@ def _alive(pid: int) -> bool:
         return True  # another user's live process
     return True
 
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], inside_ok: bool = False) -> None:
