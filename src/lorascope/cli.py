@@ -14,7 +14,30 @@ from lorascope.errors import LorascopeError
 from lorascope.scanning.options import default as scan_default
 from lorascope.train.config import TrainConfig, defaults, help_texts
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+class _Group(typer.core.TyperGroup):
+    """Flags take no value, so their help shows no type: typer 0.29's rich help prints ``<bool>`` for
+    them (an option's metavar, when set, is printed instead of its type)."""
+
+    def get_params(self, ctx):
+        return _no_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None and not isinstance(command, _Group):
+            _no_flag_types(command.get_params(ctx))
+        return command
+
+
+def _no_flag_types(params: list) -> list:
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=__doc__,
+                  pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 # `lorascope train` takes every default and help text from TrainConfig (torch-free to import).
@@ -293,8 +316,8 @@ def evaluate_cmd(
                                     "wikitext2, state-union or a file) or stsb / a pair file (sts)."),
     max_examples: int | None = typer.Option(None, help="Use the first N examples / texts."),
     batch_size: int = typer.Option(32, help="Batch size."),
-    max_length: int | None = typer.Option(None, help="Token limit [default: 128; lm-loss: model context]."),
-    stride: int | None = typer.Option(None, help="lm-loss sliding-window stride [default: max_length/2]."),
+    max_length: int | None = typer.Option(None, help=escape("Token limit [default: 128; lm-loss: model context].")),
+    stride: int | None = typer.Option(None, help=escape("lm-loss sliding-window stride [default: max_length/2].")),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint."),
     out: Path | None = typer.Option(None, help="Write the result as JSON to this file."),
@@ -321,7 +344,7 @@ def evaluate_cmd(
         console.print(f"wrote {out}")
 
 
-experiment_app = typer.Typer(add_completion=False, no_args_is_help=True,
+experiment_app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                              help="The paper's studies as resumable runs (docs/experiments.md).")
 app.add_typer(experiment_app, name="experiment")
 
