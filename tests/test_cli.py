@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from lorascope.cli import app
+from lorascope.errors import InputError
 
 runner = CliRunner()
 
@@ -45,3 +47,79 @@ def test_help_texts(path):
     for p in command.params:  # every option has a help text, and each ends like a sentence
         if p.param_type_name == "option" and p.name != "help":
             assert p.help and p.help.rstrip().endswith((".", ")", "]")), (path, p.name, p.help)
+
+
+# ---------------------------------------------------------------------------------- mitigate --lam sweep
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny BERT and a LoRA run of it on the toy sentiment task (a run folder with its head)."""
+    import torch
+
+    from lorascope.train import TrainConfig, train
+    from lorascope.train.tiny import save_tiny_model, write_toy_sentiment
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    base = str(save_tiny_model(root / "bert", "bert"))
+    toy = str(write_toy_sentiment(root / "toy.tsv", n=160))
+    train(TrainConfig(model=base, task=toy, rank=4, epochs=2, lr=5e-3, max_length=16, device="cpu"),
+          root / "run", progress=False)
+    return {"base": base, "toy": toy, "run": str(root / "run")}
+
+
+def test_mitigate_lambda_sweep(tiny_run, tmp_path):
+    """--lam 0,0.5,1 writes one run folder per λ, each what a single mitigate at that λ writes, measured
+    with --eval, and a records.jsonl the report reads."""
+    from safetensors.torch import load_file
+
+    from lorascope.evaluate import evaluate
+    from lorascope.mitigation.api import mitigate
+    from lorascope.report.loader import load
+
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["mitigate", tiny_run["base"], tiny_run["run"], "--lam", "0,0.5,1", "--which", "all",
+                            "--epsilon", "0.9", "--device", "cpu", "--out", str(out), "--eval", "accuracy",
+                            "--data", tiny_run["toy"]], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["lam_0", "lam_0.5", "lam_1", "records.jsonl"]
+    assert "matrices changed" in r.output and "accuracy" in r.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [rec["unit"]["lam"] for rec in records] == [0.0, 0.5, 1.0]
+    assert all(rec["unit"]["which"] == "all" and rec["unit"]["control"] == "intruder" for rec in records)
+    assert records[0]["metrics"]["n_directions"] > 0
+    single = mitigate(tiny_run["base"], tiny_run["run"], tmp_path / "single", lam=0.5, which="all", epsilon=0.9,
+                      device="cpu")
+    assert single.summary()["n_directions"] == records[1]["metrics"]["n_directions"]
+    a = load_file(str(out / "lam_0.5" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    for rec, lam in zip(records, ("0", "0.5", "1"), strict=True):  # each folder is a run: it evaluates alone
+        acc = evaluate(tiny_run["base"], adapter=str(out / f"lam_{lam}"), metric="accuracy", data=tiny_run["toy"],
+                       device="cpu", progress=False)
+        assert rec["metrics"]["accuracy"] == pytest.approx(acc["tuned"])
+    own = evaluate(tiny_run["base"], adapter=tiny_run["run"], metric="accuracy", data=tiny_run["toy"],
+                   device="cpu", progress=False)
+    assert records[2]["metrics"]["accuracy"] == pytest.approx(own["tuned"])  # λ = 1 changes nothing
+    data = load(out)
+    assert len(data.records) == 3 and len(data.mitigations) == 3
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_mitigate_sweep_bad_input_leaves_nothing(tiny_run, tmp_path):
+    out = tmp_path / "sweep"
+    for extra in (["--lam", "0,x"], ["--lam", "0,3"], ["--lam", "0,0"], ["--lam", "0,1", "--eval", "bleu"]):
+        r = runner.invoke(app, ["mitigate", tiny_run["base"], tiny_run["run"], "--out", str(out), *extra])
+        assert isinstance(r.exception, InputError), (extra, r.output)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    # a metric that fails after the first λ was written: still nothing at --out
+    r = runner.invoke(app, ["mitigate", tiny_run["base"], tiny_run["run"], "--out", str(out), "--lam", "0,1",
+                            "--eval", "accuracy", "--data", str(tmp_path / "missing.tsv"), "--device", "cpu"])
+    assert r.exception is not None and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

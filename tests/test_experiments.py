@@ -121,7 +121,7 @@ def test_plans_and_keys(assets):
     (lambda r: r["train"].update(rank=4), "set by the study"),
     (lambda r: r["train"].update(epoch=4), "unknown key"),
     (lambda r: r["grid"].update(ranks=[0]), "positive"),
-    (lambda r: r["grid"].update(variants=["vera"]), "unknown variant"),
+    (lambda r: r["grid"].update(variants=["qlora"]), "unknown variant"),
     (lambda r: r["grid"].update(alphas=["lots"]), "α rule"),
     (lambda r: r["forgetting"].update(metrics=["bleu"]), "unknown metric"),
     (lambda r: r.update(tasks=[]), "tasks must be"),

@@ -80,9 +80,9 @@ def test_cli_train_takes_every_default_and_help_from_train_config():
     options = {name: p.default for name, p in inspect.signature(train_cmd).parameters.items()}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     shared = set(options) & set(fields)
-    assert set(fields) - shared == {"lora_options", "loraplus_lr_ratio", "freeze_lora_a", "extra"}
+    assert set(fields) - shared == {"lora_options", "tuner", "freeze_lora_a", "extra"}  # set by --method
     defaults = TrainConfig(model="m", task="t")
-    for name in shared:
+    for name in shared - {"method", "loraplus_lr_ratio"}:  # these two also name the --method variants
         assert options[name].help == escape(fields[name].metadata["help"]), name
         if name not in ("model", "task"):  # required
             assert options[name].default == getattr(defaults, name), name
@@ -344,6 +344,93 @@ def test_cli_train_and_evaluate(tiny, tmp_path):
     assert acc["tuned"] == pytest.approx(record["metrics"]["test_accuracy"])
     result = runner.invoke(app, ["train", tiny["bert"], "--task", "nope", "--out", str(tmp_path / "y")])
     assert isinstance(result.exception, InputError)
+
+
+# ----------------------------------------------------------------------------------- --method variants
+
+
+def _adapter_config(out) -> dict:
+    return json.loads((out / "adapter" / "adapter_config.json").read_text())
+
+
+def _trainable(out) -> int:
+    return read_run(out)["parameters"]["trainable"]
+
+
+def test_cli_trains_every_variant(tiny, tmp_path):
+    """Each name of --method trains the variant it names on a tiny BERT, and the saved run reloads
+    to the model that was scored (the reloaded adapter gives the run's own test accuracy)."""
+    from lorascope.evaluate import evaluate
+    from lorascope.train.config import VARIANTS
+
+    runner = CliRunner()
+    runs = {}
+    for method in VARIANTS:
+        out = tmp_path / method
+        result = runner.invoke(app, ["train", tiny["bert"], "--task", tiny["toy"], "--out", str(out), "--epochs",
+                                     "1", "--lr", "5e-3", "--max-length", "16", "--rank", "2", "--device", "cpu",
+                                     "--method", method])
+        assert result.exit_code == 0, (method, result.output)
+        assert f"{method} fine-tuning" in result.output
+        runs[method] = read_run(out)
+        assert runs[method]["config"]["extra"]["variant"] == method
+    assert runs["full"]["method"] == "full" and not (tmp_path / "full" / "adapter").exists()
+    lora = _adapter_config(tmp_path / "lora")
+    assert lora["peft_type"] == "LORA" and lora["r"] == 2 and not lora["use_rslora"] and not lora["use_dora"]
+    assert _adapter_config(tmp_path / "rslora")["use_rslora"]
+    assert _adapter_config(tmp_path / "dora")["use_dora"]
+    for init in ("pissa", "olora"):  # stored as a plain LoRA of rank 2r on the unchanged base
+        cfg = _adapter_config(tmp_path / init)
+        assert cfg["r"] == 4 and cfg["init_lora_weights"] is True
+        assert runs[init]["config"]["lora_options"] == {"init_lora_weights": init}
+    assert runs["loraplus"]["config"]["loraplus_lr_ratio"] == 16.0
+    # only B trains: A's parameters (r x in of every adapted matrix) leave the trainable count
+    a_params = sum(v.numel() for k, v in load_file(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
+                   .items() if ".lora_A." in k)
+    assert _trainable(tmp_path / "lora-a-frozen") == _trainable(tmp_path / "lora") - a_params
+    ada = _adapter_config(tmp_path / "adalora")
+    assert ada["peft_type"] == "ADALORA" and ada["target_r"] == 2 and ada["init_r"] == 3
+    assert ada["total_step"] == runs["adalora"]["history"]["steps"] and ada["rank_pattern"]
+    vera = _adapter_config(tmp_path / "vera")
+    assert vera["peft_type"] == "VERA" and vera["r"] == 2
+    for method in ("dora", "adalora", "vera", "pissa"):
+        acc = evaluate(str(tmp_path / method), metric="accuracy", device="cpu", progress=False)
+        assert acc["tuned"] == pytest.approx(runs[method]["metrics"]["test_accuracy"]), method
+    result = runner.invoke(app, ["train", tiny["bert"], "--task", tiny["toy"], "--out", str(tmp_path / "x"),
+                                 "--method", "qlora"])
+    assert isinstance(result.exception, InputError) and "qlora" in str(result.exception)
+
+
+@pytest.mark.parametrize("tuner", ["adalora", "vera"])
+def test_other_tuners_reload_and_scan(tiny, tmp_path, tuner):
+    """AdaLoRA (ranks cut while training) and VeRA runs reload to exactly the model that was trained,
+    and scan (through PEFT's own merge) to ΔW of at most the tuner's rank."""
+    from lorascope.scanning.api import scan
+
+    ft = fine_tune(tiny_config(tiny, tuner=tuner, rank=2, epochs=2), progress=False)
+    write_run(ft, tmp_path)
+    model, tokenizer = load_trained(tmp_path)
+    torch.testing.assert_close(logits_of(model, tokenizer), logits_of(ft.model, ft.tokenizer), rtol=0, atol=0)
+    result = scan(tiny["bert"], str(tmp_path), device="cpu", dtype="float64")
+    assert len(result.matrices) == 12  # 6 linear layers in each of 2 blocks
+    # PEFT merges in a float32 layer: singular values of ΔW under 1e-5 σ_1(W_0) are its rounding
+    ranks = {m.name: sum(1 for s in m.delta_singular_values if s > 1e-5 * m.base_singular_values[0])
+             for m in result.matrices}
+    if tuner == "vera":
+        assert set(ranks.values()) == {2}
+    else:  # each module keeps the ranks its final mask kept, within the budget of 2 on average
+        masks = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+        kept = {k.split("bert.", 1)[1].replace(".lora_E", ".weight"): sum(v) for k, v in masks.items()}
+        assert ranks == {f"bert.{k}": v for k, v in kept.items()} and sum(kept.values()) <= 2 * 12
+
+
+def test_variant_checks():
+    for bad in ({"tuner": "vera", "rslora": True}, {"tuner": "adalora", "freeze_lora_a": True},
+                {"tuner": "vera", "lora_options": {"init_lora_weights": "pissa"}}, {"tuner": "ia3"},
+                {"tuner": "adalora", "lora_options": {"total_step": 3}}, {"method": "full", "tuner": "vera"}):
+        with pytest.raises(InputError):
+            TrainConfig(model="m", task="sst2", **bad).resolved()
+    TrainConfig(model="m", task="sst2", tuner="adalora", lora_options={"tinit": 2, "tfinal": 3}).resolved()
 
 
 # ------------------------------------------------------------------------------------------- real run

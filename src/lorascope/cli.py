@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorascope.errors import LorascopeError
+from lorascope.errors import InputError, LorascopeError
 from lorascope.scanning.options import default as scan_default
-from lorascope.train.config import TrainConfig, defaults, help_texts
+from lorascope.train.config import VARIANTS, TrainConfig, defaults, help_texts, variant
 
 
 class _Group(typer.core.TyperGroup):
@@ -167,8 +167,10 @@ def print_scan_summary(result) -> None:
 def mitigate(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
     tuned: str = typer.Argument(..., help="PEFT adapter folder, kohya LoRA file or fully fine-tuned model."),
-    out: Path = typer.Option(..., help="Output folder (adapter or model), with mitigation.json."),
-    lam: float = typer.Option(0.75, help="λ in [0, 2]: each chosen σ becomes λσ (0 removes, 1 keeps)."),
+    out: Path = typer.Option(..., help="Output folder (adapter or model), with mitigation.json; with several "
+                             "--lam or --eval, OUT/lam_<λ>/ for each λ and OUT/records.jsonl."),
+    lam: str = typer.Option("0.75", help="λ in [0, 2]: each chosen σ becomes λσ (0 removes, 1 keeps); "
+                            "comma-separated for a sweep (0,0.5,0.75,1)."),
     epsilon: float = typer.Option(scan_default("epsilon"), help="Intruder threshold on max |cos| (paper: 0.5)."),
     k: int = typer.Option(scan_default("k"), help="Top-k singular vectors of the tuned matrix to test."),
     which: str = typer.Option("top1", help="top1: the highest-ranked intruder per matrix (paper §5); all."),
@@ -182,15 +184,25 @@ def mitigate(
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
     residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
                                              "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
+    eval_: str | None = typer.Option(None, "--eval", help="Also measure each λ with this metric of "
+                                     "`lorascope evaluate` (accuracy, pseudo-loss, lm-loss, sts, drift)."),
+    data: str | None = typer.Option(None, help="--eval's data, as in `lorascope evaluate --data`."),
+    max_examples: int | None = typer.Option(None, help="--eval on the first N examples / texts."),
 ) -> None:
-    """Scale intruder dimensions by λ (paper §5) and write a working adapter or model."""
+    """Scale intruder dimensions by λ (paper §5) and write a working adapter or model; several λ (and
+    --eval) make a sweep with a summary table."""
     from lorascope.mitigation.api import mitigate as run_mitigate
     from lorascope.scanning.options import ScanOptions
 
+    lams = _floats(lam, "--lam")
     options = ScanOptions(k=k, epsilon=epsilon, modules=modules, embeddings=embeddings, device=device)
-    result = run_mitigate(base, tuned, out, lam=lam, which=which, control=control, format=format,
-                          compress=compress, overwrite=overwrite, progress=True, options=options,
-                          residual_base=residual_base)
+    settings = dict(which=which, control=control, format=format, compress=compress, options=options,
+                    residual_base=residual_base)
+    if len(lams) > 1 or eval_ is not None:
+        _mitigate_sweep(base, tuned, out, lams, settings, eval_, data, max_examples, device, overwrite)
+        return
+    lam = lams[0]
+    result = run_mitigate(base, tuned, out, lam=lam, overwrite=overwrite, progress=True, **settings)
     s = result.summary()
     console.print(f"scaled {s['n_directions']} direction(s) in {s['n_changed']} of {s['n_matrices']} matrices "
                   f"(λ={lam}, which={which}, control={result.settings['control'] or 'none'}); "
@@ -205,6 +217,53 @@ def mitigate(
                               m.name)
         console.print(table)
     console.print(f"wrote {result.output['format']} to {out} in {result.timing['seconds']} s")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{option}: expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option}: no value given")
+    return values
+
+
+def _mitigate_sweep(base, tuned, out, lams, settings, metric, data, max_examples, device, overwrite) -> None:
+    """``mitigate`` at every λ into OUT/lam_<λ>/, each measured with ``metric`` when given; a table of all."""
+    from lorascope.mitigation.api import mitigate_sweep
+
+    measure = None
+    if metric is not None:
+        from lorascope.evaluate.measures import METRICS
+
+        if metric not in METRICS:
+            raise InputError(f"--eval: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+
+        def measure(folder: Path) -> dict:
+            from lorascope.evaluate import evaluate
+
+            console.print(f"  measuring {metric} of {folder.name}", highlight=False)
+            r = evaluate(base, adapter=str(folder), metric=metric, data=data, max_examples=max_examples,
+                         device=device, progress=False)
+            return {metric: r["tuned"], f"{metric}_base": r["base"], f"{metric}_change_pct": r["change_pct"]}
+
+    records = mitigate_sweep(base, tuned, out, lams, measure=measure, overwrite=overwrite, progress=True,
+                             log=lambda line: console.print(line, highlight=False), **settings)
+    first = records[0]["unit"]
+    table = Table("λ", "directions", "matrices changed", "max rel. error",
+                  *([metric, f"{metric} Δ%"] if metric else []), "folder",
+                  title=f"intruder mitigation (which={first['which']}, control={first['control']})")
+    for r in records:
+        m = r["metrics"]
+        row = [f"{r['unit']['lam']:g}", str(m["n_directions"]), str(m["n_changed"]), f"{m['max_rel_error']:.1e}"]
+        if metric:
+            change = m[f"{metric}_change_pct"]
+            row += [f"{m[metric]:.4f}", "-" if change is None else f"{change:+.2f}"]
+        table.add_row(*row, str(Path(out) / r["mitigation"]).rsplit("/", 1)[0])
+    Console().print(table)
+    console.print(f"wrote {len(records)} λ folders and {Path(out) / 'records.jsonl'} (lorascope report {out} "
+                  "draws them)")
 
 
 @app.command()
@@ -251,10 +310,14 @@ def train_cmd(
     model: str = typer.Argument(..., help=_train_help("model")),
     task: str = typer.Option(..., help=_train_help("task")),
     out: Path = typer.Option(..., help="Run folder to write (adapter/ or model/, tokenizer/, run.json)."),
-    method: str = _train_option("method"),
+    method: str = typer.Option(_TRAIN_DEFAULTS["method"], help=f"{', '.join(VARIANTS)}: full fine-tuning, "
+                               "LoRA, or a LoRA variant (rsLoRA, DoRA, PiSSA, OLoRA, LoRA+, B-only LoRA, AdaLoRA, "
+                               "VeRA), as in experiment configs."),
     rank: int = _train_option("rank"),
     alpha: float | None = _train_option("alpha"),
     rslora: bool = _train_option("rslora"),
+    loraplus_lr_ratio: float | None = typer.Option(None, help=escape(
+        _TRAIN_HELP["loraplus_lr_ratio"][:-1] + " [default: 16 with --method loraplus].")),
     target_modules: str | None = _train_option("target_modules"),
     lora_dropout: float = _train_option("lora_dropout"),
     lr: float | None = _train_option("lr"),
@@ -276,14 +339,18 @@ def train_cmd(
     trust_remote_code: bool = _train_option("trust_remote_code"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ) -> None:
-    """Fine-tune with LoRA or full fine-tuning (paper recipe by default) and save a run folder."""
+    """Fine-tune with full fine-tuning, LoRA or a LoRA variant (paper recipe by default) and save a run folder."""
     from lorascope.train import train
 
     targets: list[str] | str | None = target_modules
     if target_modules and "," in target_modules:
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    fields = variant(method)  # e.g. dora: method lora, lora_options {use_dora: true}
+    fields["rslora"] = rslora or fields.get("rslora", False)
+    if loraplus_lr_ratio is not None:
+        fields["loraplus_lr_ratio"] = loraplus_lr_ratio
     cfg = TrainConfig(
-        model=model, task=task, method=method, objective=objective, rank=rank, alpha=alpha, rslora=rslora,
+        model=model, task=task, **fields, objective=objective, rank=rank, alpha=alpha, extra={"variant": method},
         target_modules=targets, lora_dropout=lora_dropout, lr=lr, epochs=epochs, batch_size=batch_size,
         max_length=max_length, warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
         max_examples=max_examples, max_eval_examples=max_eval_examples, columns=columns,
@@ -292,7 +359,7 @@ def train_cmd(
         trust_remote_code=trust_remote_code,
     )
     record = train(cfg, out, overwrite=overwrite, progress=True)
-    table = Table("", "", title=f"{record['method']} fine-tuning of {record['model']}")
+    table = Table("", "", title=f"{method} fine-tuning of {record['model']}")
     rows = [("task", f"{record['task']['name']} ({record['task']['kind']}, {record['task']['n_train_used']} "
                      "examples)"),
             ("objective", record["objective"]), ("lr", f"{record['config']['lr']:.3g}"),

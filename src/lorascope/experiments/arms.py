@@ -6,7 +6,6 @@ An arm is one table of a grid's ``methods`` list, e.g. ``{method = "lora", rank 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -15,16 +14,8 @@ from pydantic import field_validator
 from lorascope.errors import InputError
 from lorascope.experiments.checks import Table, checked, validate
 
-# Method names: each is plain LoRA or full fine-tuning plus the TrainConfig fields that make the variant.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {"method": "full"},
-    "lora": {"method": "lora"},
-    "dora": {"method": "lora", "lora_options": {"use_dora": True}},  # Liu et al. 2024
-    "pissa": {"method": "lora", "lora_options": {"init_lora_weights": "pissa"}},  # Meng et al. 2024
-    "loraplus": {"method": "lora"},  # loraplus_lr_ratio set from the arm (default 16)
-    "lora-a-frozen": {"method": "lora", "freeze_lora_a": True},  # paper §7: only B is trained
-}
-DEFAULT_LORAPLUS_RATIO = 16.0  # Hayou et al. 2024 recommend 2^4 for most tasks
+# Method names and their TrainConfig fields live with TrainConfig (lorascope train --method takes them too).
+from lorascope.train.config import DEFAULT_LORAPLUS_RATIO, VARIANTS, variant  # noqa: F401 - VARIANTS re-exported
 
 
 class Arm(Table):
@@ -78,7 +69,8 @@ def _number_or_text(text: str) -> Any:
 def arm_train_fields(arm: dict[str, Any], where: str = "arm") -> tuple[dict[str, Any], dict[str, Any]]:
     """One arm (a method table) -> (its unit labels, its TrainConfig fields).
 
-    Arm keys: ``method`` (full, lora, dora, pissa, loraplus, lora-a-frozen), ``rank``, ``alpha`` (an α
+    Arm keys: ``method`` (a name of ``train.config.VARIANTS``: full, lora, rslora, dora, pissa, olora,
+    loraplus, lora-a-frozen, adalora, vera), ``rank``, ``alpha`` (an α
     rule, see :func:`parse_alpha`), ``lr``, ``loraplus_lr_ratio``; sweeps also take ``lrs``.
     """
     if not isinstance(arm, dict):
@@ -88,13 +80,14 @@ def arm_train_fields(arm: dict[str, Any], where: str = "arm") -> tuple[dict[str,
     name = arm.get("method")
     if name not in VARIANTS:
         raise InputError(f"{where}: method must be one of {list(VARIANTS)}, got {name!r}")
-    fields = copy.deepcopy(VARIANTS[name])
+    fields = variant(name)
     labels: dict[str, Any] = {"method": name}
     if fields["method"] == "lora":
         rank = arm.get("rank", 8)
         if not isinstance(rank, int) or rank < 1:
             raise InputError(f"{where}: rank must be a positive integer, got {rank!r}")
         alpha, rslora = parse_alpha(arm.get("alpha", "2r"), rank)
+        rslora = rslora or fields.get("rslora", False)
         fields.update(rank=rank, alpha=alpha, rslora=rslora)
         labels.update(rank=rank, alpha=alpha, **({"rslora": True} if rslora else {}))
         if name == "loraplus":

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.io.writers import atomic_write_json
 from lorascope.scanning.options import ScanOptions
 from lorascope.schema import MitigationResult
 
@@ -128,3 +133,73 @@ def _check_args(lam, which, control, format, compress) -> str | None:
     if control in ("neighbour", "neighbor"):
         return "neighbour"
     raise InputError(f"control must be neighbour or none, got '{control}'")
+
+
+def lam_folder(lam: float) -> str:
+    """The sub-folder of one λ in a sweep: lam_0, lam_0.75, lam_1."""
+    return f"lam_{lam:g}"
+
+
+def mitigate_sweep(
+    base: str,
+    tuned: str,
+    out: str | os.PathLike,
+    lams: list[float],
+    *,
+    measure: Callable[[Path], dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """``mitigate`` once per λ of ``lams`` (keywords as in ``mitigate``), all into one folder.
+
+    ``OUT/lam_<λ>/`` holds what ``mitigate`` writes; when ``tuned`` is a ``lorascope train`` run folder
+    it is a run folder itself (the run's ``run.json`` and tokenizer beside the new ``adapter/`` or
+    ``model/``), so it loads, scans and evaluates like the run. ``measure(folder)`` (e.g. an
+    ``evaluate`` of a metric) adds its numbers to that λ's record. ``OUT/records.jsonl`` holds one
+    record per λ in the experiment-store form the report reads: ``unit`` {study, lam, control, which},
+    ``metrics`` (the mitigation summary and the measures), ``mitigation`` (its mitigation.json).
+    Written atomically: ``out`` appears complete or not at all. Returns the records.
+    """
+    import json
+
+    from lorascope.io.tuned import run_folder_target
+    from lorascope.io.writers import atomic_dir, atomic_write_text, guard_output
+    from lorascope.models import is_run, read_run
+
+    lams = [float(lam) for lam in lams]
+    for lam in lams:
+        _check_args(lam, kwargs.get("which", "top1"), kwargs.get("control"), kwargs.get("format", "auto"),
+                    kwargs.get("compress"))
+    if len(set(map(lam_folder, lams))) != len(lams):
+        raise InputError(f"--lam: each λ once, got {lams}")
+    guard_output(out, {"base": base, "tuned": tuned})
+    run = read_run(tuned) if is_run(tuned) else None
+    records = []
+    with atomic_dir(out, overwrite) as tmp:
+        for lam in lams:
+            folder = tmp / lam_folder(lam)
+            if log is not None:
+                log(f"λ = {lam:g}: scaling intruders -> {Path(out) / folder.name}")
+            if run is None:
+                target = folder
+                result = mitigate(base, tuned, target, lam=lam, progress=progress, **kwargs)
+            else:  # a run folder: the new weights where the run keeps its own
+                weights = run_folder_target(Path(tuned))
+                target = folder / weights.name
+                result = mitigate(base, str(weights), target, lam=lam, progress=progress, **kwargs)
+                shutil.copytree(Path(tuned) / run["layout"]["tokenizer"], folder / run["layout"]["tokenizer"])
+                derived = {**run, "mitigation": result.settings, "mitigated_from": str(Path(tuned).resolve())}
+                atomic_write_json(folder / "run.json", derived)
+            s = result.summary()
+            metrics: dict[str, Any] = {"n_directions": s["n_directions"], "n_changed": s["n_changed"],
+                                       "n_intruders_before": s["n_intruders"], "max_rel_error": s["max_rel_error"]}
+            if measure is not None:
+                metrics.update(measure(folder))
+            unit = {"study": "mitigate", "lam": lam, "control": result.settings["control"] or "intruder",
+                    "which": result.settings["which"]}
+            records.append({"unit": unit, "metrics": metrics,
+                            "mitigation": str((target / "mitigation.json").relative_to(tmp))})
+        atomic_write_text(tmp / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return records

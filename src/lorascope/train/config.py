@@ -25,12 +25,29 @@ from lorascope.errors import InputError
 LORA_LR_TIMES_ALPHA = 2.4e-3
 FULL_LR = 1e-5
 METHODS = ("lora", "full")
+TUNERS = ("lora", "adalora", "vera")  # the PEFT tuner of an adapter run
+DEFAULT_LORAPLUS_RATIO = 16.0  # Hayou et al. 2024 recommend 2^4 for most tasks
+# Method names (``lorascope train --method``, experiment arms): plain LoRA or full fine-tuning plus the
+# TrainConfig fields that make the variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {"method": "full"},
+    "lora": {"method": "lora"},
+    "rslora": {"method": "lora", "rslora": True},  # Kalajdzievski 2023: scale alpha/sqrt(r)
+    "dora": {"method": "lora", "lora_options": {"use_dora": True}},  # Liu et al. 2024
+    "pissa": {"method": "lora", "lora_options": {"init_lora_weights": "pissa"}},  # Meng et al. 2024
+    "olora": {"method": "lora", "lora_options": {"init_lora_weights": "olora"}},  # Büyükakyüz 2024
+    "loraplus": {"method": "lora", "loraplus_lr_ratio": DEFAULT_LORAPLUS_RATIO},  # Hayou et al. 2024
+    "lora-a-frozen": {"method": "lora", "freeze_lora_a": True},  # paper §7: only B is trained
+    "adalora": {"method": "lora", "tuner": "adalora"},  # Zhang et al. 2023: ranks re-allocated in training
+    "vera": {"method": "lora", "tuner": "vera"},  # Kopiczko et al. 2024: frozen shared A, B; trained scalings
+}
 OBJECTIVES = ("auto", "classify", "lm")
 PRECISIONS = ("auto", "fp32", "bf16")
 MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga")  # LoRA inits that move part of W into the adapter
 # Set by the recipe itself; everything else in lora_options goes to peft's LoraConfig as given.
 LORA_FIXED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save", "bias",
               "task_type"}
+TUNER_FIXED = {"target_r", "init_r", "total_step", "vera_dropout"}  # AdaLoRA and VeRA fields the recipe sets
 
 
 def _option(help: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
@@ -45,6 +62,8 @@ class TrainConfig:
     task: str = _option("Built-in task (sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 state-union "
                         "arithmetic), a .tsv/.csv/.jsonl/.txt file or folder, or hf:NAME[:CONFIG].")
     method: str = _option("lora or full.", "lora")
+    tuner: str = _option("PEFT tuner of a lora run: lora, adalora (AdaLoRA: --rank is the target average rank, "
+                         "starting from 1.5x) or vera (VeRA: no alpha).", "lora")
     objective: str = _option("auto (classify for labelled tasks, lm for text and prompt/response tasks), "
                              "classify (sequence classification) or lm (causal LM).", "auto")
     rank: int = _option("LoRA rank r.", 8)
@@ -106,6 +125,15 @@ class TrainConfig:
                                    labels=labels, alpha=alpha, lr=lr)
 
 
+def variant(name: str) -> dict[str, Any]:
+    """The TrainConfig fields of a method name of :data:`VARIANTS` (a fresh copy)."""
+    import copy
+
+    if name not in VARIANTS:
+        raise InputError(f"method must be one of {', '.join(VARIANTS)}, got {name!r}")
+    return copy.deepcopy(VARIANTS[name])
+
+
 def defaults() -> dict[str, Any]:
     """Field name -> default of every :class:`TrainConfig` field that has one (factories called)."""
     out = {}
@@ -141,15 +169,23 @@ def mutates_base(cfg: TrainConfig) -> bool:
 
 def check_lora_variant(cfg: TrainConfig) -> None:
     """LoRA-only options on a LoRA run; lora_options are LoraConfig fields the recipe does not set."""
-    from peft import LoraConfig  # the fields peft knows, read only when a config is checked
+    import peft  # the fields peft knows, read only when a config is checked
 
-    variant = cfg.lora_options or cfg.loraplus_lr_ratio is not None or cfg.freeze_lora_a
+    variant = cfg.lora_options or cfg.loraplus_lr_ratio is not None or cfg.freeze_lora_a or cfg.tuner != "lora"
     if variant and cfg.method != "lora":
-        raise InputError("lora_options, loraplus_lr_ratio and freeze_lora_a need method lora")
-    unknown = sorted(set(cfg.lora_options) - set(LoraConfig.__dataclass_fields__))
-    fixed = sorted(set(cfg.lora_options) & LORA_FIXED)
+        raise InputError("lora_options, loraplus_lr_ratio, freeze_lora_a and tuner need method lora")
+    if cfg.tuner not in TUNERS:
+        raise InputError(f"tuner must be one of {TUNERS}, got {cfg.tuner!r}")
+    config_class = {"lora": peft.LoraConfig, "adalora": peft.AdaLoraConfig, "vera": peft.VeraConfig}[cfg.tuner]
+    unknown = sorted(set(cfg.lora_options) - set(config_class.__dataclass_fields__))
+    fixed = sorted(set(cfg.lora_options) & (LORA_FIXED | TUNER_FIXED))
     if unknown or fixed:
-        raise InputError(f"lora_options: {unknown or fixed} are not LoraConfig arguments the recipe leaves open")
+        raise InputError(f"lora_options: {unknown or fixed} are not {config_class.__name__} arguments the recipe "
+                         "leaves open")
+    if cfg.tuner != "lora" and (cfg.rslora or cfg.loraplus_lr_ratio is not None or cfg.freeze_lora_a
+                                or mutates_base(cfg) or cfg.lora_options.get("use_dora")):
+        raise InputError(f"tuner {cfg.tuner}: rsLoRA, LoRA+, a frozen A, DoRA and base-mutating inits are LoRA "
+                         "variants; use tuner lora")
     if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
         raise InputError(f"loraplus_lr_ratio must be positive, got {cfg.loraplus_lr_ratio}")
     if mutates_base(cfg) and (cfg.freeze_lora_a or cfg.lora_options.get("use_dora")):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import AdaLoraConfig, LoraConfig, TaskType, VeraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from lorascope.errors import InputError
@@ -35,22 +35,32 @@ def default_target_modules(model: torch.nn.Module) -> str:
     return r".*\.\d+\.(?:.*\.)?(?:" + "|".join(sorted(leaves)) + r")$"
 
 
-def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str) -> torch.nn.Module:
-    """Wrap with peft LoRA. For classification the head is trained and saved (``modules_to_save``), and
-    so is any other module the checkpoint lacked (e.g. BERT's pooler when starting from an MLM)."""
+def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_steps: int | None = None
+               ) -> torch.nn.Module:
+    """Wrap with the run's peft tuner (``cfg.tuner``). For classification the head is trained and saved
+    (``modules_to_save``), and so is any other module the checkpoint lacked (e.g. BERT's pooler when
+    starting from an MLM).
+
+    - lora: W + s B A with s = α/r (rsLoRA: α/√r);
+    - adalora: W + (α/r) P diag(E) Q, rank budget cut from init_r = ⌈1.5 r⌉ per matrix to r on average
+      over ``total_steps`` (peft's cubic schedule; :func:`~lorascope.train.recipes.fit` calls
+      ``update_and_allocate`` every step);
+    - vera: W + diag(b) B diag(d) A with A, B frozen random projections shared by all layers; no α.
+    """
     target = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
     new_modules = sorted({key.rsplit(".", 1)[0] for key in getattr(model, "lorascope_new_weights", [])})
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if objective == "lm" else TaskType.SEQ_CLS,
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.lora_dropout,
-        use_rslora=cfg.rslora,
-        target_modules=target,
-        modules_to_save=new_modules or None,
-        bias="none",
-        **cfg.lora_options,
-    )
+    common = dict(task_type=TaskType.CAUSAL_LM if objective == "lm" else TaskType.SEQ_CLS, target_modules=target,
+                  modules_to_save=new_modules or None, bias="none", **cfg.lora_options)
+    if cfg.tuner == "vera":
+        lora = VeraConfig(r=cfg.rank, vera_dropout=cfg.lora_dropout, **common)
+    elif cfg.tuner == "adalora":
+        if not total_steps:
+            raise InputError("AdaLoRA needs the number of training steps for its rank schedule")
+        lora = AdaLoraConfig(target_r=cfg.rank, init_r=math.ceil(1.5 * cfg.rank), lora_alpha=cfg.alpha,
+                             lora_dropout=cfg.lora_dropout, total_step=total_steps, **common)
+    else:
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
+                          **common)
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
@@ -63,8 +73,8 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str) -> torc
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:
-    """The module names peft actually wrapped with LoRA (short leaf names)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")})
+    """The module names peft actually wrapped with its tuner (short leaf names)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in model.base_model.targeted_module_names})
 
 
 def lora_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

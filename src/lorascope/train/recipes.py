@@ -132,6 +132,7 @@ def fit(
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total), total)
     history: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "loss_curve": [], "steps": total}
     step, window = 0, []
+    allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
     model.train()
     for cb in callbacks:
         cb.on_step(model, 0)
@@ -149,8 +150,10 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            if allocate is not None:  # AdaLoRA: update importance scores and masks from this step's gradients
+                allocate(step)
+            optimizer.zero_grad(set_to_none=True)
             for cb in callbacks:
                 cb.on_step(model, step)
             losses.append(loss.item())
@@ -236,13 +239,13 @@ def fine_tune(config: TrainConfig, *, progress: bool = True, callbacks: Sequence
         raise InputError(f"task {task.name!r}: no training example is long enough to learn from")
     seed_everything(cfg.seed)
     model = build_model(cfg, task, objective, tokenizer)
+    loader = make_loader(features, cfg.batch_size, tokenizer, shuffle=True, seed=cfg.seed)
     initial = None
     if cfg.method == "lora":
-        model = apply_lora(model, cfg, objective)
+        model = apply_lora(model, cfg, objective, total_steps=cfg.epochs * len(loader))
         initial = lora_factors(model) if mutates_base(cfg) else None
     model.to(device)
     trainable, total = count_parameters(model)
-    loader = make_loader(features, cfg.batch_size, tokenizer, shuffle=True, seed=cfg.seed)
     history = fit(model, loader, cfg, device, bf16, progress, callbacks=callbacks)
     metrics = {**score_run(model, tokenizer, task, objective, cfg, device), "train_loss": history["epoch_loss"][-1]}
     return FineTuned(model, tokenizer, cfg, task, objective, len(train_examples), device, bf16,

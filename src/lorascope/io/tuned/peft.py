@@ -125,11 +125,15 @@ def check_config(config: dict[str, Any], where: str) -> str:
         raise InputError(f"{where}: field 'peft_type' is '{ptype}', a tuner that PEFT {peft.__version__} does not "
                          f"know (known: {known})")
     if ptype == "ADALORA":
-        _check_lora(config, where)
+        _check_lora(config, where, adalora=True)
     return ptype
 
 
-def _check_lora(config: dict[str, Any], where: str) -> None:
+def _is_mask(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, bool) for x in v)
+
+
+def _check_lora(config: dict[str, Any], where: str, adalora: bool = False) -> None:
     for key, why in _LORA_REFUSED.items():
         if config.get(key):
             raise InputError(f"PEFT tuner LORA with '{key}' is not supported because {why} ({where})")
@@ -142,7 +146,10 @@ def _check_lora(config: dict[str, Any], where: str) -> None:
     for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if key in config and not isinstance(config[key], bool) and config[key] is not None:
             raise InputError(f"{where}: field '{key}' must be true or false, got {config[key]!r}")
-    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "whole numbers of at least 1"),
+    # AdaLoRA's rank_pattern is the mask its training kept of each module's ranks: {"<module>.lora_E": [bool]}
+    rank_ok = _is_mask if adalora else (lambda v: _is_int(v) and v >= 1)
+    rank_what = "lists of true/false" if adalora else "whole numbers of at least 1"
+    for key, ok, what in (("rank_pattern", rank_ok, rank_what),
                           ("alpha_pattern", _is_number, "numbers")):
         pattern = config.get(key)
         if pattern is None:

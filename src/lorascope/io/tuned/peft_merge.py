@@ -88,13 +88,18 @@ class PeftMerge:
         self.bias_changed: set[str] = set()  # modules whose bias the merge changed (IA3, GLoRA, …)
 
     # -- the PEFT config ---------------------------------------------------------------------
-    def peft_config(self):
+    def peft_config(self, layers: dict[str, Any] | None = None):
         import peft
 
         cls = peft.PEFT_TYPE_TO_CONFIG_MAPPING[self.raw["peft_type"]]
         fields = cls.__dataclass_fields__
         kwargs = {k: v for k, v in self.raw.items() if k in fields}
         kwargs.update(self.overrides)
+        if self.raw["peft_type"] == "ADALORA" and kwargs.get("rank_pattern") and layers is not None:
+            # AdaLoRA's rank masks ("<module>.lora_E": [bool]) resize every module they name on load:
+            # keep those of the modules the skeleton holds
+            kwargs["rank_pattern"] = {k: v for k, v in kwargs["rank_pattern"].items()
+                                      if k.rsplit(".", 1)[0] in layers}
         for key, value in (("modules_to_save", None), ("task_type", None), ("inference_mode", False),
                            ("trainable_token_indices", None)):
             if key in fields:
@@ -190,4 +195,4 @@ class PeftMerge:
                 layer.weight = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(shape),
                                                   requires_grad=False)
                 layers[path] = layer
-        return peft.PeftModel(_tree(layers), self.peft_config(), adapter_name="default")
+        return peft.PeftModel(_tree(layers), self.peft_config(layers), adapter_name="default")
