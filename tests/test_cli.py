@@ -123,3 +123,46 @@ def test_mitigate_sweep_bad_input_leaves_nothing(tiny_run, tmp_path):
                             "--eval", "accuracy", "--data", str(tmp_path / "missing.tsv"), "--device", "cpu"])
     assert r.exception is not None and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+# ------------------------------------------------------------------------------------------ --backend ray
+
+TOML = """kind = "methods"
+name = "t"
+model = "tiny/bert"
+tasks = ["tiny/sentiment"]
+[train]
+epochs = 1
+max_length = 16
+device = "cpu"
+[grid]
+ranks = [1]
+full = false
+"""
+
+
+def test_ray_backend_without_ray_leaves_no_experiment(tmp_path, monkeypatch, capsys):
+    """The hint names the extra (rich markup would eat "[ray]"), and no half-made store is left: the
+    same folder then runs locally without --resume."""
+    import importlib.util
+
+    from lorascope.cli import main
+    from lorascope.experiments.tiny import write_tiny_assets
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed")
+    write_tiny_assets(tmp_path)
+    (tmp_path / "c.toml").write_text(TOML)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    cmd = ["lorascope", "experiment", "run", "c.toml", "--out", "exp"]
+    monkeypatch.setattr("sys.argv", [*cmd, "--backend", "ray"])
+    with pytest.raises(SystemExit) as e:
+        main()  # as the console script runs it: errors become a message and exit code 2
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pip install 'lorascope[ray]'" in err and "Traceback" not in err
+    assert not (tmp_path / "exp").exists()
+    r = runner.invoke(app, [*cmd[1:], "--max-units", "0"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "exp" / "experiment.json").is_file()

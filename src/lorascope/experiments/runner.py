@@ -78,23 +78,23 @@ def run_experiment(
     units = plan(config)
     store = Store(root)
     _check_folder(store, config, resume)
-    with store.lock():
-        _write_header(store, config, units)
-        store.repair()
-        recovered = store.recover()
-        done = set(store.finished())
-        todo = [u for u in units if u.key not in done]
-        already = len(units) - len(todo) - sum(1 for r in recovered if r["key"] in {u.key for u in units})
-        log(f"{config.kind} study '{config.name}': {len(units)} units, {len(units) - len(todo)} finished, "
-            f"{len(todo)} to run ({backend}, {workers} worker{'s' if workers > 1 else ''}) -> {root}")
-        computed: list[str] = []
-        error: BaseException | None = None
-        runner = _backend(backend, workers, root, threads)
-        try:
+    # the backend first: one that cannot start (Ray missing) must not leave a new store behind
+    runner = _backend(backend, workers, root, threads)
+    try:
+        with store.lock():
+            _write_header(store, config, units)
+            store.repair()
+            recovered = store.recover()
+            done = set(store.finished())
+            todo = [u for u in units if u.key not in done]
+            already = len(units) - len(todo) - sum(1 for r in recovered if r["key"] in {u.key for u in units})
+            log(f"{config.kind} study '{config.name}': {len(units)} units, {len(units) - len(todo)} finished, "
+                f"{len(todo)} to run ({backend}, {workers} worker{'s' if workers > 1 else ''}) -> {root}")
+            computed: list[str] = []
             error = _schedule(store, todo, done, runner, max_units, computed, len(units), log)
-        finally:
-            runner.close()
-        store.write_json(SUMMARY, derive(config.kind, store.read_records()))
+            store.write_json(SUMMARY, derive(config.kind, store.read_records()))
+    finally:
+        runner.close()
     if error is not None:
         raise error
     remaining = len([u for u in units if u.key not in set(store.finished())])
