@@ -166,3 +166,40 @@ def test_ray_backend_without_ray_leaves_no_experiment(tmp_path, monkeypatch, cap
     r = runner.invoke(app, [*cmd[1:], "--max-units", "0"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "exp" / "experiment.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+def test_scan_progress_on_a_pipe_is_log_lines(tiny_run, tmp_path, monkeypatch):
+    """Not a terminal: a line per stage, and a count line every LOG_EVERY_S seconds (here every matrix)."""
+    monkeypatch.setattr("lorascope.progress.LOG_EVERY_S", 0.0)
+    r = runner.invoke(app, ["scan", tiny_run["base"], tiny_run["run"], "--device", "cpu", "--out", str(tmp_path / "s")],
+                      env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert any(line.startswith("loading ") and line.endswith(" ...") for line in lines)
+    assert any(line.startswith("loading ") and ": done in " in line for line in lines)
+    counts = [line for line in lines if line.startswith("reading and decomposing matrices: ")]
+    assert counts[0].endswith(": 0/12") and len(counts) == 13 and "12/12 (100%)" in counts[-1]
+    assert any(line.startswith("writing json to ") for line in lines) and (tmp_path / "s" / "scan.json").is_file()
+
+
+def test_progress_on_a_terminal_shows_the_stage():
+    import io
+
+    from rich.console import Console
+
+    from lorascope.progress import Progress
+
+    buf = io.StringIO()
+    shown = Progress(console=Console(file=buf, force_terminal=True, width=100))
+    assert shown.live
+    with shown.stage("loading the base"):
+        pass
+    assert list(shown.track(iter(range(3)), 3, "decomposing")) == [0, 1, 2]
+    text = buf.getvalue()
+    assert "loading the base" in text and "decomposing" in text and " ...\n" not in text
+    quiet = Progress(enabled=False)
+    with quiet.stage("x"):
+        assert list(quiet.track([1], 1, "y")) == [1]

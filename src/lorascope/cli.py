@@ -103,7 +103,10 @@ def scan(
     if out is not None:
         inputs = {f"tuned ({label})": spec for label, spec in zip(labels, specs, strict=True)}
         guard_output(out, {"base": base, **inputs})
-    results = scan_many(base, specs, options, progress=distributed.is_main(), residual_base=residual_base)
+    from lorascope.progress import Progress
+
+    shown = Progress(distributed.is_main(), console)
+    results = scan_many(base, specs, options, progress=shown, residual_base=residual_base)
     if not distributed.is_main():
         return  # every rank holds the gathered result; rank 0 reports and writes it
     if len(results) == 1:
@@ -111,9 +114,10 @@ def scan(
     else:
         print_batch_summary(results, labels)
     if out is not None:
-        for label, result in zip(labels, results, strict=True):
-            written = result.save(out if len(results) == 1 else out / label, formats)
-            console.print("wrote " + ", ".join(str(w) for w in written))
+        with shown.stage(f"writing {', '.join(formats)} to {out}"):
+            written = [w for label, result in zip(labels, results, strict=True)
+                       for w in result.save(out if len(results) == 1 else out / label, formats)]
+        console.print("wrote " + ", ".join(str(w) for w in written))
 
 
 def _labels(specs: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.progress import Progress
 from lorascope.scanning.analyze import BasisFn
 from lorascope.scanning.options import ScanOptions
 from lorascope.schema import MatrixRecord, ScanResult
@@ -51,14 +52,15 @@ def scan_many(
     tuned: list[str],
     options: ScanOptions | None = None,
     *,
-    progress: bool = False,
+    progress: bool | Progress = False,
     basis: BasisFn | None = None,
     residual_base: str | None = None,
     **settings: Any,
 ) -> list[ScanResult]:
     """``scan`` of several fine-tunes or adapters of one base at once: each base matrix is read and
     decomposed once, whatever the number of inputs, and each input gets the ``ScanResult`` (the
-    same records) that ``scan`` of it alone gives. Arguments as in ``scan``."""
+    same records) that ``scan`` of it alone gives. Arguments as in ``scan``; ``progress`` may also be a
+    ``lorascope.progress.Progress`` (its stages: loading, then reading and decomposing the matrices)."""
     import torch  # here, not at module level: `import lorascope` stays light
 
     from lorascope.io.checkpoint import Checkpoint
@@ -74,11 +76,13 @@ def scan_many(
         raise InputError("no fine-tune or adapter to scan")
     dtype = {"float32": torch.float32, "float64": torch.float64}[opts.dtype]
     dev = distributed.setup(resolve_device(opts.device))
+    shown = progress if isinstance(progress, Progress) else Progress(bool(progress))
     t0 = time.perf_counter()
     warming = warm_up(dev)  # overlaps the opening and pairing below
-    base_ckpt = Checkpoint(base)
-    sources = [open_tuned(t, residual_base) for t in tuned]
-    paired = [pair_matrices(base_ckpt, src, opts) for src in sources]
+    with shown.stage(f"loading {base} and {len(tuned)} tuned input{'s' if len(tuned) > 1 else ''}"):
+        base_ckpt = Checkpoint(base)
+        sources = [open_tuned(t, residual_base) for t in tuned]
+        paired = [pair_matrices(base_ckpt, src, opts) for src in sources]
     jobs = jobs_of(base_ckpt, [pairs for pairs, _ in paired])
     cache = BasisCache(opts.cache_dir, opts.cache_budget) if opts.cache_dir and basis is None else None
     share = distributed.share(jobs, base_ckpt)
@@ -87,11 +91,7 @@ def scan_many(
     records: list[list[MatrixRecord]] = [[] for _ in sources]
     stream = scan_jobs(base_ckpt, sources, share, opts.k, opts.epsilon, opts.sides, dev, dtype, basis, cache,
                        streams=opts.streams)
-    if progress:
-        from rich.progress import track
-
-        stream = track(stream, total=len(share), description="scanning matrices", transient=True)
-    for results in stream:
+    for results in shown.track(stream, len(share), "reading and decomposing matrices"):
         for i, recs in results:
             records[i].extend(recs)
     seconds = round(time.perf_counter() - t0, 3)
