@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ class ScanResult(Result):
         return summarize(self.matrices, self.epsilon if epsilon is None else epsilon, self.k if k is None else k)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One flat row per record (lists as JSON strings), for CSV, Parquet and pandas."""
+        """One flat row per record (lists as JSON strings, no similarity map), for CSV."""
         rows = []
         for m in self.matrices:
             row = {key: v for key, v in asdict(m).items() if key not in ("similarity",)}
@@ -128,10 +128,31 @@ class ScanResult(Result):
             rows.append(row)
         return rows
 
-    def to_frame(self):  # -> pandas.DataFrame
+    def to_pandas(self):  # -> pandas.DataFrame
+        """One row per matrix and side, every field a column, lists as native lists (``similarity`` a
+        list of lists), plus ``min_max_cos``; the table Parquet stores."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows())
+        rows = [{**asdict(m), "min_max_cos": min(m.max_cos) if m.max_cos else math.nan} for m in self.matrices]
+        columns = [f.name for f in fields(MatrixRecord)] + ["min_max_cos"]
+        return pd.DataFrame(rows, columns=columns)
+
+    to_frame = to_pandas  # the older name
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the headline of each side and its worst matrices."""
+        summary = self.summary()
+        parts = [f"<p><b>lorascope scan</b> of {_h(self.settings.get('tuned'))} against "
+                 f"{_h(self.settings.get('base'))} (ε={summary['epsilon']}, k={summary['k']})</p>"]
+        for side, s in summary["sides"].items():
+            parts.append(f"<p>{side} singular vectors: <b>{s['n_intruders']} intruder dimensions</b> in "
+                         f"{s['matrices_with_intruders']} of {s['n_matrices']} matrices; mean effective rank of "
+                         f"ΔW {s['mean_delta_effective_rank']:.2f}</p>")
+            by_name = {m.name: m for m in self.matrices if m.side == side}
+            rows = [(w["n_intruders"], f"{min(by_name[w['name']].max_cos):.3f}",
+                     f"{by_name[w['name']].null_max_cos:.3f}", w["name"]) for w in s["worst"]]
+            parts.append(_html_table(("intruders", "min max|cos|", "chance max|cos|", "matrix"), rows))
+        return "\n".join(parts)
 
     # -- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -162,9 +183,9 @@ class ScanResult(Result):
                 writer.writerows(rows)
                 atomic_write_text(out / "scan.csv", buf.getvalue())
                 written.append(out / "scan.csv")
-            elif fmt == "parquet":
+            elif fmt == "parquet":  # native list columns, similarity maps included
                 buf = io.BytesIO()
-                self.to_frame().to_parquet(buf)
+                self.to_pandas().to_parquet(buf, index=False)
                 atomic_write_bytes(out / "scan.parquet", buf.getvalue())
                 written.append(out / "scan.parquet")
         return written
@@ -240,6 +261,29 @@ class MitigationResult(Result):
     def to_dict(self) -> dict[str, Any]:
         return self._to_dict(output=self.output)
 
+    def to_pandas(self):  # -> pandas.DataFrame
+        """One row per scaled direction (matrices left as they were have none)."""
+        import pandas as pd
+
+        rows = [{"name": m.name, "kind": m.kind, "shape": m.shape, "n_intruders": m.n_intruders,
+                 "rel_error": m.rel_error, **asdict(d)} for m in self.matrices for d in m.directions]
+        return pd.DataFrame(rows, columns=["name", "kind", "shape", "n_intruders", "rel_error",
+                                           *(f.name for f in fields(ScaledDirection))])
+
+    def _repr_html_(self) -> str:
+        """Jupyter: what was scaled, and the matrices with the most scaled directions."""
+        s, st = self.summary(), self.settings
+        parts = [f"<p><b>lorascope mitigation</b> of {_h(st.get('tuned'))} (λ={st.get('lam')}, "
+                 f"which={st.get('which')}, control={st.get('control') or 'none'}, ε={st.get('epsilon')}, "
+                 f"k={st.get('k')}): <b>{s['n_directions']} direction(s) scaled</b> in {s['n_changed']} of "
+                 f"{s['n_matrices']} matrices; largest relative error {s['max_rel_error']:.2e}; written as "
+                 f"{_h(self.output.get('format'))} to {_h(self.output.get('path'))}</p>"]
+        worst = sorted((m for m in self.matrices if m.directions), key=lambda m: -len(m.directions))[:10]
+        rows = [(len(m.directions), ", ".join(f"{d.sigma_before:.4g}→{d.sigma_after:.4g}" for d in m.directions),
+                 f"{min(d.intruder_max_cos for d in m.directions):.3f}", m.name) for m in worst]
+        parts.append(_html_table(("directions", "σ before→after", "min max|cos|", "matrix"), rows))
+        return "\n".join(parts)
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         path = Path(out_dir) / "mitigation.json"
         atomic_write_json(path, self.to_dict())
@@ -258,6 +302,20 @@ class MitigationResult(Result):
             return cls(**cls._envelope(d, records), output=d.get("output", {}))
         except (OSError, ValueError, KeyError, TypeError, InputError) as e:
             raise InputError(f"{p}: not a lorascope mitigation result ({e})") from e
+
+
+def _h(value: Any) -> str:
+    import html
+
+    return html.escape(str(value))
+
+
+def _html_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def validated(cls: type, record: Any, index: int) -> Any:

@@ -81,6 +81,13 @@ class Store:
             out.append(rec)
         return out
 
+    def to_pandas(self):  # -> pandas.DataFrame
+        """One row per finished unit (the last record of a key), nested fields as dotted columns:
+        ``key``, ``unit.method``, ``unit.rank``, ``metrics.accuracy``, ``metrics.n_intruders``, ..."""
+        import pandas as pd
+
+        return pd.json_normalize(list(self.finished().values()), sep=".")
+
     def finished(self) -> dict[str, dict[str, Any]]:
         """key -> record of every finished unit (the last record wins if a key repeats)."""
         return {r["key"]: r for r in self.read_records()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -195,9 +196,12 @@ class IntruderTracker(TrainerCallback):
 
 
 def _tensorboard(log_dir: str | os.PathLike) -> Any:
-    """A TensorBoard SummaryWriter, or None when tensorboard is not installed (it is optional)."""
+    """A TensorBoard SummaryWriter, or None, with a note saying so, when tensorboard is not installed
+    (it is optional: the counts still go to tracking.jsonl)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        print(f"note: TensorBoard is not installed, so no intruder scalars are written to {log_dir} "
+              "(pip install 'lorascope[tensorboard]'); tracking.jsonl still gets every count", file=sys.stderr)
         return None
     return SummaryWriter(str(log_dir))
