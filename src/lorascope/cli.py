@@ -277,7 +277,8 @@ def demo(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ) -> None:
-    """Fine-tune all-MiniLM-L6-v2 on BBC News with LoRA and full FT, scan both, measure forgetting, report."""
+    """Fine-tune all-MiniLM-L6-v2 on BBC News with LoRA and full FT, scan both, measure forgetting, scale the
+    LoRA run's intruders down (λ = 0.75, 0) and measure again, report."""
     from lorascope.demo import run_demo
 
     summary = run_demo(out, quick=quick, device=device, overwrite=overwrite, console=console)

