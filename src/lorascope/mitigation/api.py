@@ -140,6 +140,26 @@ def lam_folder(lam: float) -> str:
     return f"lam_{lam:g}"
 
 
+def mitigate_run(base: str, run: str | os.PathLike, folder: str | os.PathLike, origin: str | None = None,
+                 **kwargs: Any) -> tuple[MitigationResult, Path]:
+    """``mitigate`` of a ``lorascope train`` run folder into a new run folder: the new ``adapter/`` or
+    ``model/`` (with mitigation.json) beside a copy of the run's tokenizer and its ``run.json``, which
+    gains ``mitigation`` (the settings) and ``mitigated_from`` (``origin``, default the run's path), so
+    the result loads, scans and evaluates like the run. Returns the result and the weights folder."""
+    from lorascope.io.tuned import run_folder_target
+    from lorascope.models import read_run
+
+    run, folder = Path(run), Path(folder)
+    record = read_run(run)
+    weights = run_folder_target(run)
+    target = folder / weights.name
+    result = mitigate(base, str(weights), target, **kwargs)
+    shutil.copytree(run / record["layout"]["tokenizer"], folder / record["layout"]["tokenizer"])
+    derived = {**record, "mitigation": result.settings, "mitigated_from": origin or str(run.resolve())}
+    atomic_write_json(folder / "run.json", derived)
+    return result, target
+
+
 def mitigate_sweep(
     base: str,
     tuned: str,
@@ -164,7 +184,6 @@ def mitigate_sweep(
     """
     import json
 
-    from lorascope.io.tuned import run_folder_target
     from lorascope.io.writers import atomic_dir, atomic_write_text, guard_output
     from lorascope.models import is_run, read_run
 
@@ -185,13 +204,8 @@ def mitigate_sweep(
             if run is None:
                 target = folder
                 result = mitigate(base, tuned, target, lam=lam, progress=progress, **kwargs)
-            else:  # a run folder: the new weights where the run keeps its own
-                weights = run_folder_target(Path(tuned))
-                target = folder / weights.name
-                result = mitigate(base, str(weights), target, lam=lam, progress=progress, **kwargs)
-                shutil.copytree(Path(tuned) / run["layout"]["tokenizer"], folder / run["layout"]["tokenizer"])
-                derived = {**run, "mitigation": result.settings, "mitigated_from": str(Path(tuned).resolve())}
-                atomic_write_json(folder / "run.json", derived)
+            else:
+                result, target = mitigate_run(base, tuned, folder, lam=lam, progress=progress, **kwargs)
             s = result.summary()
             metrics: dict[str, Any] = {"n_directions": s["n_directions"], "n_changed": s["n_changed"],
                                        "n_intruders_before": s["n_intruders"], "max_rel_error": s["max_rel_error"]}

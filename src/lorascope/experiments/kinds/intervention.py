@@ -5,7 +5,6 @@ intruders left. ``derive`` gives Tables 3-4: the % change against λ = 1 of the 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -15,7 +14,6 @@ from lorascope.experiments.checks import each
 from lorascope.experiments.steps import SCAN_FILE, forgetting_metrics, scan_metrics, scan_unit
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, train_unit
-from lorascope.io.writers import atomic_write_json
 
 if TYPE_CHECKING:
     from lorascope.experiments.config import ExperimentConfig
@@ -60,22 +58,17 @@ def plan(cfg: ExperimentConfig) -> list[Unit]:
 def run_mitigate(u: Unit, folder: Path, store: Store):
     """Scale by λ (Eq. 1) or the neighbour control (Eq. 2); a derived run folder makes the result loadable
     like any run (``run.json`` of the fine-tune, the new weights, its tokenizer)."""
-    from lorascope.mitigation.api import mitigate
+    from lorascope.mitigation.api import mitigate_run
     from lorascope.models import read_run
 
     source = store.unit_dir(u.deps[0]) / "run"
-    run = read_run(source)
-    layout = run["layout"]
-    tuned = source / (layout["adapter"] or layout["model"])
-    target = folder / "run" / ("adapter" if layout["adapter"] else "model")
+    layout = read_run(source)["layout"]
     s, device = u.params["scan"], u.train.get("device", "auto")
     control = None if u.params["control"] == "intruder" else "neighbour"
-    result = mitigate(u.params["base"], str(tuned), target, lam=u.params["lam"], epsilon=s["epsilon"],
-                      k=s["k"], which=u.params["which"], control=control, modules=s["modules"],
-                      format="adapter" if layout["adapter"] else "merged", device=device)
-    shutil.copytree(source / layout["tokenizer"], folder / "run" / layout["tokenizer"])
-    derived = {**run, "mitigation": result.settings, "mitigated_from": store.rel(source)}
-    atomic_write_json(folder / "run" / "run.json", derived)
+    result, target = mitigate_run(u.params["base"], source, folder / "run", origin=store.rel(source),
+                                  lam=u.params["lam"], epsilon=s["epsilon"], k=s["k"], which=u.params["which"],
+                                  control=control, modules=s["modules"],
+                                  format="adapter" if layout["adapter"] else "merged", device=device)
 
     summary = result.summary()
     metrics: dict[str, Any] = {"n_directions": summary["n_directions"], "n_changed": summary["n_changed"],
