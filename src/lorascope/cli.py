@@ -285,7 +285,9 @@ def demo(
     table = Table("method", "accuracy", "intruders", "erank ΔW", "retrieval Δ%", "drift",
                   *(["STS-B Δ%"] if "sts_spearman" in summary["base"] else []),
                   caption="intruders: ε=0.5, k=10, in matrices with any; retrieval: headline→article recall@1 on "
-                          "held-out topics; drift: 1 − CKA")
+                          "held-out topics; drift: 1 − CKA; λ: the LoRA run with every intruder scaled by λ"
+                          + (f"; STS-B on {summary['settings']['n_sts']} test pairs"
+                             if "sts_spearman" in summary["base"] and summary["settings"]["n_sts"] else ""))
     for label, m in summary["methods"].items():
         row = [label, f"{m['accuracy']:.3f}", f"{m['n_intruders']} ({m['matrices_with_intruders']}/{m['n_matrices']})",
                f"{m['delta_effective_rank']:.1f}", f"{m['forgetting_recall_at_1_pct']:+.1f}", f"{m['drift']:.3f}"]
