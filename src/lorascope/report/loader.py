@@ -124,6 +124,9 @@ def load(path: str | os.PathLike) -> ReportData:
         for f in _find(p, TRACKING_FILE):
             _load_records(data, f, tracking_label=_label(f.parent, p))
     if not (data.runs or data.mitigations or data.records or data.tracking):
+        if p.is_dir() and (p / RECORDS_FILE).is_file():
+            raise InputError(f"{p / RECORDS_FILE}: holds no finished units yet (and the folder has no scan.json "
+                             "or mitigation.json); run or resume the experiment first")
         raise InputError(f"{p}: found no scan.json, mitigation.json, {RECORDS_FILE} or {TRACKING_FILE}")
     _label_runs(data.runs)
     return data
