@@ -48,6 +48,8 @@ def pair(tmp_path, llama_lora):
 
 CASES = {
     "bad --modules regex": (lambda b, a, t: ["scan", str(b), str(a), "--modules", "(["], "--modules '(['"),
+    "bad --modules regex (mitigate)": (lambda b, a, t: ["mitigate", str(b), str(a), "--modules", "([", "--out",
+                                                        str(t / "m")], "--modules '(['"),
     "--format xml, refused before the scan": (lambda b, a, t: ["scan", str(b), str(a), "--format", "xml",
                                                                "--out", str(t / "o")], "unknown output format 'xml'"),
     "--out is an existing file": (lambda b, a, t: ["scan", str(b), str(a), "--out", str(b / "config.json")],
@@ -118,6 +120,47 @@ def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
     assert code == 2 and "lora_B" in err and "adapter_model.safetensors" in err, err
     code, err = run_cli(["mitigate", str(base), str(broken), "--out", str(tmp / "m")], capsys)
     assert code == 2 and not (tmp / "m").exists(), err
+
+
+def test_a_lora_missing_one_modules_b_factor_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    broken = tmp / "one"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    gone = sorted(k for k in sd if "lora_B" in k)[0]
+    save_file({k: v for k, v in sd.items() if k != gone}, str(broken / "adapter_model.safetensors"))
+    code, err = run_cli(["scan", str(base), str(broken)], capsys)
+    assert code == 2 and gone.removeprefix("base_model.model.").rsplit(".lora_B", 1)[0] in err and "lora_B" in err, err
+
+
+def test_an_adapter_folder_without_its_config_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    bare = tmp / "bare"
+    bare.mkdir()
+    (bare / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    code, err = run_cli(["scan", str(base), str(bare)], capsys)
+    assert code == 2 and "adapter_config.json" in err and "Traceback" not in err, err
+
+
+def test_a_report_of_a_tampered_scan_names_the_field(pair, capsys):
+    base, adapter, tmp = pair
+    assert run_cli(["scan", str(base), str(adapter), "--out", str(tmp / "scan")], capsys)[0] == 0
+    d = json.loads((tmp / "scan" / "scan.json").read_text())
+    d["matrices"][0]["max_cos"] = "0.3"
+    (tmp / "scan" / "scan.json").write_text(json.dumps(d))
+    code, err = run_cli(["report", str(tmp / "scan"), "--out", str(tmp / "r.html")], capsys)
+    assert code == 2 and "scan.json" in err and "max_cos" in err and "Traceback" not in err, err
+    assert not (tmp / "r.html").exists()
+
+
+def test_a_read_only_output_folder_is_an_error(pair, capsys, read_only):
+    base, adapter, tmp = pair
+    ro = tmp / "ro"
+    ro.mkdir()
+    read_only(ro)  # tests/conftest.py: permissions, or a read-only bind mount for root
+    code, err = run_cli(["scan", str(base), str(adapter), "--out", str(ro / "o")], capsys)
+    assert code == 2 and "ro/o" in err and "Traceback" not in err, err
 
 
 def test_malformed_adapter_configs_are_errors(pair, capsys):
