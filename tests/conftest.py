@@ -70,3 +70,19 @@ def read_only(tmp_path):
         for p in [tmp_path, *tmp_path.rglob("*")]:
             with contextlib.suppress(OSError):
                 p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, nearly full file system (a 256 KiB tmpfs with 8 KiB left), unmounted afterwards; skips
+    where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "filler").write_bytes(b"\0" * (248 * 1024))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -163,6 +163,15 @@ def test_a_read_only_output_folder_is_an_error(pair, capsys, read_only):
     assert code == 2 and "ro/o" in err and "Traceback" not in err, err
 
 
+def test_a_full_disk_is_an_error_and_leaves_nothing(pair, capsys, full_disk):
+    base, adapter, tmp = pair
+    for argv in (["scan", str(base), str(adapter), "--out", str(full_disk / "o"), "--format", "json,csv"],
+                 ["mitigate", str(base), str(adapter), "--out", str(full_disk / "m"), "--format", "merged"]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and "No space left on device" in err and "Traceback" not in err, (argv, err)
+        assert sorted(p.name for p in full_disk.iterdir()) == ["filler"], list(full_disk.iterdir())
+
+
 def test_malformed_adapter_configs_are_errors(pair, capsys):
     base, adapter, tmp = pair
     cfg = json.loads((adapter / "adapter_config.json").read_text())

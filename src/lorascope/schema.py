@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lorascope.io.writers import atomic_write_files, atomic_write_json
 
 SCHEMA_VERSION = "1.0"
 OUTPUT_FORMATS = ("json", "csv", "parquet")
@@ -140,34 +140,21 @@ class ScanResult(Result):
     def save(self, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json",)) -> list[Path]:
         """Write ``scan.json`` (always) and ``scan.csv`` / ``scan.parquet`` on request, atomically."""
         formats = check_formats(formats)
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} is a file, not a folder; choose another --out")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
-        written = [out / "scan.json"]
-        atomic_write_json(written[0], self.to_dict())
-        for fmt in formats:
-            if fmt == "json":
-                continue
-            if fmt == "csv":
-                import csv
+        files = {"scan.json": (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8")}
+        if "csv" in formats:
+            import csv
 
-                buf = io.StringIO()
-                rows = self.rows()
-                writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
-                writer.writeheader()
-                writer.writerows(rows)
-                atomic_write_text(out / "scan.csv", buf.getvalue())
-                written.append(out / "scan.csv")
-            elif fmt == "parquet":
-                buf = io.BytesIO()
-                self.to_frame().to_parquet(buf)
-                atomic_write_bytes(out / "scan.parquet", buf.getvalue())
-                written.append(out / "scan.parquet")
-        return written
+            buf = io.StringIO()
+            rows = self.rows()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+            writer.writeheader()
+            writer.writerows(rows)
+            files["scan.csv"] = buf.getvalue().encode("utf-8")
+        if "parquet" in formats:
+            pq = io.BytesIO()
+            self.to_frame().to_parquet(pq)
+            files["scan.parquet"] = pq.getvalue()
+        return atomic_write_files(out_dir, files)  # all or none: a full disk leaves the old files
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _save_file
 
 from lorascope.errors import InputError
 from lorascope.io.checkpoint import Checkpoint, require_real
@@ -22,6 +23,16 @@ from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixMitigation
 from lorascope.spectral import Tuned
 from lorascope.spectral.edit import Plan, compress_factors, extend_factors, plan_matrix
+
+
+def save_file(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' writer, its I/O failures (a full disk) raised as OSError, so that ``atomic_dir``
+    reports them as an error naming the output instead of a traceback."""
+    try:
+        _save_file(state, path, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(str(e)) from e
+
 
 _BESIDE_A_FILE = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
                   "merges.txt", "added_tokens.json")
