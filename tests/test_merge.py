@@ -75,6 +75,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- the methods against mergekit's own code -----------------------------------------------------------
 def _mergekit(name: str, W0, deltas, w, density, seed) -> torch.Tensor:
+    pytest.importorskip("mergekit")  # the dev extra
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import TensorBatch, TensorGroup
 
@@ -361,3 +362,29 @@ def test_cli_merge(tiny, tmp_path, monkeypatch, capsys):
     a, b, c = (merged_weights(tiny, tmp_path / x) for x in ("o", "same", "other"))
     key = next(iter(deltas_of(tiny)))
     assert torch.equal(a[key], b[key]) and not torch.allclose(a[key], c[key])
+
+
+# -- the merge study on tiny assets -----------------------------------------------------------------------------
+@pytest.mark.slow  # ~20 s: two tiny trainings, three merges, each scored and scanned
+def test_merge_study_on_tiny_assets(tmp_path, one_thread):
+    from lorascope.experiments import parse_config, run_experiment
+    from lorascope.experiments.tiny import write_tiny_assets
+
+    write_tiny_assets(tmp_path)
+    raw = {"kind": "merge", "name": "t_merge", "model": "tiny/bert", "tasks": ["tiny/sentiment", "tiny/topics"],
+           "train": {"epochs": 2, "max_length": 16, "lr": 2e-2, "device": "cpu", "max_eval_examples": 16},
+           "scan": {"k": 4}, "forgetting": {"data": "tiny/corpus.txt", "max_examples": 6},
+           "grid": {"methods": [{"method": "lora", "rank": 4}], "merges": ["task_arithmetic", "emr"],
+                    "lams": [0.5], "lam_merges": ["ties"]}}
+    report = run_experiment(parse_config(raw, tmp_path), tmp_path / "store", log=lambda line: None)
+    records = [json.loads(x) for x in (tmp_path / "store" / "records.jsonl").read_text().splitlines()]
+    merges = {(r["unit"]["merge"], r["unit"]["lam"]): r["metrics"] for r in records if r["action"] == "merge"}
+    assert set(merges) == {("task_arithmetic", None), ("emr", None), ("ties", 0.5)} and not report.remaining
+    for m in merges.values():
+        assert {"accuracy/sentiment", "accuracy/topics", "mean_task_score", "forgetting", "n_intruders",
+                "n_intruders_inputs"} <= set(m)
+        assert 0 <= m["accuracy/sentiment"] <= 1 and m["max_rel_error"] < 1e-5
+    assert merges[("ties", 0.5)]["scaled_directions/sentiment"] >= 0
+    assert "emr_compact_bytes" in merges[("emr", None)]
+    summary = json.loads((tmp_path / "store" / "summary.json").read_text())
+    assert len(summary["merges"]) == 3

@@ -70,7 +70,7 @@ def merge(
     guard_output(out, {"base": base_ckpt.root, **{f"adapter {lab}": s.root for lab, s in zip(labels, sources,
                                                                                              strict=True)}})
     _check_one_base(adapters, sources)
-    pairs = _common_pairs(base_ckpt, sources, adapters, opts)
+    pairs, unpaired = _common_pairs(base_ckpt, sources, adapters, opts)
     if opts.format == "adapter":
         bad = [p for p in pairs[0] if p.kind not in ("linear", "conv1d")]
         if bad:
@@ -151,7 +151,7 @@ def merge(
                                                                                             strict=True)}),
             matrices=matrices,
             output={"path": str(out), "format": opts.format, "outputs": out_list, "storage": storage},
-            unpaired={},
+            unpaired=unpaired,
             versions=library_versions(),
             timing={"seconds": round(time.perf_counter() - t0, 3), "n_matrices": len(matrices)},
             command=" ".join(sys.argv) if sys.argv and "lorascope" in sys.argv[0] else None,
@@ -190,11 +190,22 @@ def _check_one_base(adapters: list[str], sources: list) -> None:
 
 
 def _common_pairs(base_ckpt, sources, adapters, opts: MergeOptions):
-    """Each input's pairs with the base, in base order; every input must change the same matrices."""
+    """Each input's pairs with the base, in base order, and what is left out; every input must change the
+    same matrices."""
     from lorascope.scanning.pairing import pair_matrices
 
     sopts = ScanOptions(modules=opts.modules, embeddings=opts.embeddings)
-    pairs = [pair_matrices(base_ckpt, src, sopts)[0] for src in sources]
+    pairs, unpaired = [], {}
+    for a, src in zip(adapters, sources, strict=True):
+        ps, skipped = pair_matrices(base_ckpt, src, sopts)
+        # modules_to_save (a task's head, a saved pooler) are each input's own: kept out of the merge
+        saved = [p.name for p in ps if p.ref.startswith("saved:")]
+        pairs.append([p for p in ps if not p.ref.startswith("saved:")])
+        for key, names in {**skipped, "modules_to_save_not_merged": saved}.items():
+            if names:
+                unpaired[f"{key} ({Path(a).name})"] = names
+        if not pairs[-1]:
+            raise InputError(f"{a}: no adapter module to merge (only modules_to_save: {saved[:3]})")
     first = [p.name for p in pairs[0]]
     for a, ps in zip(adapters[1:], pairs[1:], strict=True):
         names = [p.name for p in ps]
@@ -204,7 +215,7 @@ def _common_pairs(base_ckpt, sources, adapters, opts: MergeOptions):
                     else f"does not change {len(missing)} matrix(es) that {adapters[0]} does (e.g. '{missing[0]}')")
             raise InputError(f"{a}: target modules differ: it {what}; all adapters of a merge must target the same "
                              "modules (or restrict the merge with --modules)")
-    return pairs
+    return pairs, unpaired
 
 
 def matrix_seed(seed: int, name: str) -> int:
