@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorascope.errors import LorascopeError
+from lorascope.merging.options import default as merge_default
 from lorascope.scanning.options import default as scan_default
 from lorascope.train.config import TrainConfig, defaults, help_texts
 
@@ -181,6 +182,62 @@ def mitigate(
                               f"{d.target} {d.intruder_index if d.target == 'intruder' else d.base_index}",
                               m.name)
         console.print(table)
+    console.print(f"wrote {result.output['format']} to {out} in {result.timing['seconds']} s")
+
+
+@app.command("merge")
+def merge_cmd(
+    base: str = typer.Argument(..., help="Base model every adapter was trained on: HF folder, weight file or hub id."),
+    adapters: list[str] = typer.Argument(..., help="Two or more adapters (PEFT folders, kohya / diffusers / LyCORIS "
+                                         "files, run folders) or fine-tunes of BASE."),
+    out: Path = typer.Option(..., help="Output folder (adapter or model), with merge.json."),
+    method: str = typer.Option(merge_default("method"), help="linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                               "knots_ties, knots_dare or emr (docs/merge.md)."),
+    weights: str | None = typer.Option(None, help=escape("Comma-separated, one per adapter [default: 1 each].")),
+    density: float | None = typer.Option(merge_default("density"), help=escape("Fraction kept by TIES' trim / "
+                                                                                  "DARE's drop [default: 0.5].")),
+    seed: int = typer.Option(merge_default("seed"), help="Seed of DARE's random masks."),
+    format: str = typer.Option(merge_default("format"), help="adapter (PEFT LoRA, ΔW exact) or merged (model)."),
+    modules: str | None = typer.Option(merge_default("modules"), help="Regex on tensor names to restrict the merge."),
+    embeddings: bool = typer.Option(merge_default("embeddings"), help="Also merge embedding matrices."),
+    device: str = typer.Option(merge_default("device"), help="auto, cpu or cuda."),
+    scan: bool = typer.Option(False, help="Scan the merge and the inputs; attribute each merged intruder."),
+    k: int = typer.Option(scan_default("k"), help="--scan: top-k singular vectors tested."),
+    epsilon: float = typer.Option(scan_default("epsilon"), help="--scan: intruder threshold on max |cos|."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+) -> None:
+    """Merge adapters of one base (task arithmetic, TIES, DARE, KnOTS, EMR) into an exact adapter or a model."""
+    from lorascope.errors import InputError
+    from lorascope.merging.api import merge
+    from lorascope.merging.options import MergeOptions
+    from lorascope.scanning.options import ScanOptions
+
+    ws = None
+    if weights is not None:
+        try:
+            ws = tuple(float(x) for x in weights.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"--weights must be comma-separated numbers, got '{weights}'") from None
+    options = MergeOptions(method=method, weights=ws, density=density, seed=seed, format=format, modules=modules,
+                           embeddings=embeddings, device=device)
+    result = merge(base, adapters, out, options, scan=scan, scan_options=ScanOptions(k=k, epsilon=epsilon),
+                   overwrite=overwrite, progress=True)
+    s, st = result.summary(), result.output["storage"]
+    console.print(f"merged {s['n_matrices']} matrices of {len(adapters)} inputs with {method} (mean rank "
+                  f"{s['mean_rank_after']:.1f}); largest relative error of the written weights "
+                  f"{s['max_rel_error']:.2e}")
+    console.print(f"storage: inputs {st['inputs_bytes']:,} B, written {st['written_bytes']:,} B"
+                  + (f", EMR compact {st['emr_compact_bytes']:,} B" if "emr_compact_bytes" in st else ""))
+    if scan:
+        a = result.analysis
+        table = Table("", "intruders", title=f"intruder dimensions (ε={a['epsilon']}, k={a['k']}, left side)")
+        for label, n in a["intruders"]["inputs"].items():
+            table.add_row(f"input {label}", str(n))
+        for label, n in a["intruders"]["outputs"].items():
+            table.add_row(f"merge {label}" if label != "merge" else "merge", str(n))
+        console.print(table)
+        console.print("merged intruders closest to: " + ", ".join(f"{k} {v}" for k, v in a["attributed_to"].items())
+                      + f"; new directions {a['new_directions']}")
     console.print(f"wrote {result.output['format']} to {out} in {result.timing['seconds']} s")
 
 

@@ -1,4 +1,4 @@
-"""The versioned result schema that scan writes and mitigate, report and experiments read.
+"""The versioned result schema that scan writes and mitigate, merge, report and experiments read.
 
 One ``ScanResult`` holds one record per (weight matrix, side). Everything model-level (totals,
 per-layer counts, ε- and k-curves) is *derived* from the records by ``summarize``, so any ε and any
@@ -246,6 +246,77 @@ class MitigationResult(Result):
         except (OSError, ValueError, KeyError, TypeError, InputError) as e:
             raise InputError(f"{p}: not a lorascope mitigation result ({e})") from e
 
+
+
+# -- merge (lorascope merge) -----------------------------------------------------------------------
+@dataclass
+class MergedIntruder:
+    """One intruder of a merged matrix and where it comes from (``--scan``)."""
+
+    __pydantic_config__ = _STRICT
+
+    output: int  # which output (0; EMR: the input whose adapter it is)
+    index: int  # j: rank among the merged matrix's top-k (0-based)
+    max_cos: float  # max_i |cos(u_j, x_i)| over the base's left singular vectors (< ε)
+    input_max_cos: list[float]  # per input: max_l |cos(u_j, u_l^(input))| over that input's top-k left vectors
+
+
+@dataclass
+class MatrixMerge:
+    """One merged matrix: its outputs' ranks and how exactly the written weights hold the merge."""
+
+    __pydantic_config__ = _STRICT
+
+    name: str  # base tensor name
+    kind: str  # linear | conv1d | embedding | conv2d
+    shape: list[int]  # [out, in]
+    sources: list[str]  # each input's reference for it
+    input_ranks: list[int | None]  # LoRA rank of each input (None: dense ΔW)
+    delta_rel_norm: list[float]  # ‖ΔW_out‖_F / ‖W_0‖_F per output
+    rank_after: list[int]  # numerical rank of each output's ΔW (the LoRA rank written)
+    rel_error: list[float]  # ‖W_written − (W_0 + ΔW)‖_F / ‖W_0 + ΔW‖_F per output, ΔW exact in float64
+    intruders: list[MergedIntruder] = field(default_factory=list)  # with --scan
+
+
+@dataclass
+class MergeResult(Result):
+    matrices: list[MatrixMerge] = field(default_factory=list)
+    output: dict[str, Any] = field(default_factory=dict)  # path, format, outputs (label, path, files, bytes), storage
+    analysis: dict[str, Any] = field(default_factory=dict)  # with --scan: intruders per input and output
+    result_kind: str = "merge"
+
+    def summary(self) -> dict[str, Any]:
+        errors = [e for m in self.matrices for e in m.rel_error]
+        ranks = [r for m in self.matrices for r in m.rank_after]
+        return {
+            "n_matrices": len(self.matrices),
+            "max_rel_error": max(errors, default=0.0),
+            "mean_rank_after": sum(ranks) / len(ranks) if ranks else 0.0,
+            "n_merged_intruders": sum(len(m.intruders) for m in self.matrices),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._to_dict(output=self.output, analysis=self.analysis)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / "merge.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergeResult:
+        """Read a merge.json, or the one inside an output folder."""
+        p = Path(path)
+        p = p / "merge.json" if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+
+            def records(ms: list[dict[str, Any]]) -> list[MatrixMerge]:
+                return [validated(MatrixMerge, m, i) for i, m in enumerate(ms)]
+
+            return cls(**cls._envelope(d, records), output=d.get("output", {}), analysis=d.get("analysis", {}))
+        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+            raise InputError(f"{p}: not a lorascope merge result ({e})") from e
 
 def validated(cls: type, record: Any, index: int) -> Any:
     """A record read back from a file, with every field of the type the dataclass declares (a string
