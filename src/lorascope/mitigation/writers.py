@@ -65,8 +65,8 @@ class Run:
             raise InputError(f"tensor '{pair.name}' has shape {(m, n)}: k={self.k} exceeds its rank bound")
         return W0, self.tuned.delta(pair.ref, W0, pair.kind)
 
-    def plan(self, W0: torch.Tensor, Wt: torch.Tensor) -> Plan:
-        return plan_matrix(W0, Wt, self.k, self.epsilon, self.lam, self.which, self.control)
+    def plan(self, W0: torch.Tensor, Wt: torch.Tensor, delta: Any) -> Plan:
+        return plan_matrix(W0, Wt, self.k, self.epsilon, self.lam, self.which, self.control, delta=delta)
 
     def record(self, pair: MatrixPair, plan: Plan, shape: tuple[int, int]) -> MatrixMitigation:
         return MatrixMitigation(
@@ -108,7 +108,7 @@ def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | 
     for pair in run.track(pairs, "mitigating matrices"):
         W0, delta = run.tuned_matrix(pair, run.base.get(pair.name))
         Wt = Tuned(W0, delta).dense()
-        plan = run.plan(W0, Wt)
+        plan = run.plan(W0, Wt, delta)
         rec = run.record(pair, plan, tuple(W0.shape))
         records.append(rec)
         saved = pair.ref.startswith("saved:")
@@ -199,7 +199,7 @@ def write_merged(run: Run, pairs: list[MatrixPair], tmp: Path):
                 W0_stored = t if src is run.base else run.base.get(p.name)
                 W0, delta = run.tuned_matrix(p, W0_stored)
                 Wt = Tuned(W0, delta).dense()
-                plan = run.plan(W0, Wt)
+                plan = run.plan(W0, Wt, delta)
                 rec = run.record(p, plan, tuple(W0.shape))
                 records.append(rec)
                 if plan.directions or src is run.base:
