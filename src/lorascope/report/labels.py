@@ -52,18 +52,20 @@ def _phrase(key: str, value: Any) -> str:
         return "neighbour control" if str(value).lower() in ("neighbour", "neighbor") else "intruders scaled"
     if key == "n_examples":
         return f"n = {value}"
-    if key in ("seed", "stage", "task"):
+    if key in ("seed", "stage"):
         return f"{key} {value}"
     return f"{key} = {value}"
 
 
 def unit_name(unit: dict[str, Any], varying: list[str] | None = None) -> str:
     """A unit named by its method (always, when it has one) and the other settings in ``varying``
-    (every setting when None): 'LoRA r=4 (α=8, η=2e-2), λ = 0.5, neighbour control'."""
+    (every setting when None): 'LoRA r=4 (α=8, η=2e-2) on sst2, λ = 0.5, neighbour control'."""
     keys = list(unit) if varying is None else varying
-    parts = [method_name(unit)]
-    parts += [_phrase(k, unit[k]) for k in keys if k not in METHOD_KEYS and unit.get(k) is not None]
-    return ", ".join(p for p in parts if p)
+    head = method_name(unit)
+    if "task" in keys and unit.get("task") is not None:
+        head = f"{head} on {unit['task']}".strip()
+    rest = [_phrase(k, unit[k]) for k in keys if k not in (*METHOD_KEYS, "task") and unit.get(k) is not None]
+    return ", ".join(p for p in [head, *rest] if p)
 
 
 def varying_keys(units: list[dict[str, Any]]) -> list[str]:
