@@ -123,7 +123,8 @@ def test_tracker_logs_training_loss_and_task_score(results):
     run = json.loads((results / "tracking" / record["paths"]["run"] / "run.json").read_text())
     steps = [x["step"] for x in track]
     per_epoch = run["history"]["steps"] // len(run["history"]["epoch_loss"])
-    weighted = sum(x["metrics"]["train_loss"] * (s - p) for x, s, p in zip(track[1:], steps[1:], steps[:-1], strict=True))
+    weighted = sum(x["metrics"]["train_loss"] * (s - p)
+                   for x, s, p in zip(track[1:], steps[1:], steps[:-1], strict=True))
     assert weighted == pytest.approx(per_epoch * sum(run["history"]["epoch_loss"]), rel=1e-9)
 
 
