@@ -20,7 +20,6 @@ Writes OUT/risk_validation.md (tables) and OUT/risk_validation.json (every numbe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from pathlib import Path
