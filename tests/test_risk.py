@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def test_scan_json_carries_the_scores_and_old_files_still_read(tmp_path):
     old = ScanResult.from_dict(d)
     assert old.matrices[0].delta_kurtosis is None
     assert old.summary()["sides"]["left"]["risk"]["scores"]["kurtosis"] is None
+
+
+def test_scan_summary_and_report_headline_show_the_risk(tmp_path, capsys):
+    from lorascope.cli import print_scan_summary
+    from lorascope.report import build_report
+
+    res = ScanResult(settings={"k": 3, "epsilon": 0.5}, matrices=[_record()], timing={"n_matrices": 1})
+    res.save(tmp_path / "scan")
+    want = matrix_scores(_record())["risk"]
+    print_scan_summary(ScanResult.load(tmp_path / "scan"))
+    assert f"data-free risk {want:.3f}" in " ".join(capsys.readouterr().err.split())
+    html = build_report(tmp_path / "scan", tmp_path / "r.html").read_text()
+    head = re.search(r'<section class="headline".*?</section>', html, re.S).group(0)
+    assert f"Data-free risk {want:.2f}" in head and "not yet validated" in head

@@ -110,13 +110,13 @@ def _labels(specs: list[str]) -> list[str]:
 def print_batch_summary(results, labels: list[str]) -> None:
     """One row per input of a batch scan."""
     first = results[0].summary()
-    table = Table("input", "intruders", "matrices with", "mean erank ΔW",
+    table = Table("input", "intruders", "matrices with", "mean erank ΔW", "risk",
                   title=f"intruder dimensions (ε={first['epsilon']}, k={first['k']}, left side)")
     for label, result in zip(labels, results, strict=True):
         s = result.summary()["sides"]
         s = s.get("left") or next(iter(s.values()))
         table.add_row(label, str(s["n_intruders"]), f"{s['matrices_with_intruders']}/{s['n_matrices']}",
-                      f"{s['mean_delta_effective_rank']:.2f}")
+                      f"{s['mean_delta_effective_rank']:.2f}", f"{s['risk']['scores']['risk'] or 0:.3f}")
     console.print(table)
     console.print(f"scanned {len(results)} inputs in {results[0].timing.get('seconds')} s")
 
@@ -131,6 +131,10 @@ def print_scan_summary(result) -> None:
             f"(ε={summary['epsilon']}, k={summary['k']}); mean effective rank of ΔW "
             f"{s['mean_delta_effective_rank']:.2f}"
         )
+        risk = s["risk"]["scores"]
+        console.print(f"data-free risk {risk['risk'] or 0:.3f} (worst matrix; mean {risk['risk_mean'] or 0:.3f}), "
+                      f"strength {risk['strength']:.3f}: not yet validated against forgetting (docs/risk.md)",
+                      highlight=False)
         if s["worst"]:
             table = Table("intruders", "min max|cos|", "chance max|cos|", "matrix")
             by_name = {r.name: r for r in result.matrices if r.side == side}

@@ -214,6 +214,11 @@ def _count(run: Run) -> str:
             f"{_fmt(s.get('matrices_with_intruders'))} of {_fmt(s.get('n_matrices'))} matrices")
 
 
+def _risk(run: Run) -> float | None:
+    """The stored data-free risk (schema ≥ 1.1: summary.sides.<side>.risk.scores.risk), else None."""
+    return number((run.stats.get("risk") or {}).get("scores", {}).get("risk"))
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{v:+.1f} %"
 
@@ -239,6 +244,15 @@ def headline(data: ReportData) -> list[str]:
             lines.append(f"Across {len(runs)} scans ({where}), intruder dimensions range from "
                          f"{_fmt(ranked[0].stats.get('n_intruders'))} ({ranked[0].label}) to "
                          f"{_fmt(ranked[-1].stats.get('n_intruders'))} ({ranked[-1].label}).")
+        risky = [r for r in runs if _risk(r) is not None]
+        if risky:
+            worst = max(risky, key=_risk)
+            scores = worst.stats["risk"]["scores"]
+            which = "" if len(risky) == 1 else f"highest of {len(risky)} scans: {worst.label}, "
+            lines.append(f"Data-free risk {_risk(worst):.2f} ({which}the worst matrix's σ-weighted share of its "
+                         f"top-{worst.stats['risk'].get('k')} spectrum in directions new to the base; strength "
+                         f"{_fmt(scores.get('strength'))}); not yet validated against measured forgetting "
+                         "(docs/risk.md).")
     forg = [r for r in data.records if number(r.metrics.get("forgetting")) is not None
             and number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
     if len(forg) == 1:
