@@ -14,6 +14,10 @@ correlated with each measure:
 - held out: a third of the runs, chosen by ``random.Random(seed)``, is set aside; the score with
   the highest pooled ρ on the other two thirds is chosen, and its ρ on the held-out third reported.
 
+With ``--weightwatcher`` (``pip install weightwatcher``; needs each unit's run folder), two more
+baselines: ``ww_alpha``, WeightWatcher's mean power-law α of the tuned model's block matrices, and
+``ww_alpha_delta``, its α of ΔW (its peft mode for a LoRA run, its base-model deltas for a full one).
+
 Writes OUT/risk_validation.md (tables) and OUT/risk_validation.json (every number).
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +45,38 @@ MEASURES = {  # name -> (metric key, sign): higher always means more forgetting
     "lm_loss_change": ("lm-loss_change_pct", 1.0),
     "pseudo_loss_change": ("pseudo-loss_change_pct", 1.0),
 }
-SCORES = CANDIDATES + BASELINES
+WW_SCORES = ("ww_alpha", "ww_alpha_delta")
+SCORES = CANDIDATES + BASELINES + WW_SCORES
+BLOCK = re.compile(r"\.\d+\.")  # the study's scanned matrices: inside the numbered blocks
 
 
-def runs_of(root: Path) -> list[dict[str, Any]]:
+def ww_alphas(run: Path, **analyze: Any) -> dict[str, float | None]:
+    """WeightWatcher's mean α over the block matrices: of W_t, and of ΔW (peft mode / base deltas);
+    None where it fits none (it skips matrices with fewer than ``min_evals`` = 50 eigenvalues)."""
+    import weightwatcher as ww
+
+    from lorascope.models import load_base_for_run, load_trained, merged, read_run
+
+    def mean_alpha(details) -> float | None:
+        if "longname" not in details:
+            return None
+        rows = details[[bool(BLOCK.search(n)) for n in details["longname"]]]
+        alphas = [float(a) for a in rows["alpha"] if math.isfinite(float(a)) and a > 0]
+        return sum(alphas) / len(alphas) if alphas else None
+
+    model, _ = load_trained(run)
+    tuned = merged(model)
+    out = {"ww_alpha": mean_alpha(ww.WeightWatcher(model=tuned).analyze(**analyze))}
+    record = read_run(run)
+    if record["method"] == "lora":
+        delta = ww.WeightWatcher(model=model).analyze(peft=True, **analyze)
+    else:
+        delta = ww.WeightWatcher(model=tuned).analyze(base_model=load_base_for_run(record), **analyze)
+    out["ww_alpha_delta"] = mean_alpha(delta)
+    return out
+
+
+def runs_of(root: Path, weightwatcher: bool = False) -> list[dict[str, Any]]:
     """One row per finished unit with a scan: study, model, key, scores and forgetting measures."""
     store = Store(root)
     if not store.exists:
@@ -59,8 +92,12 @@ def runs_of(root: Path) -> list[dict[str, Any]]:
             continue
         scan = ScanResult.load(root / rec["scan"])
         side = [m for m in scan.matrices if m.side == "left"] or scan.matrices
+        scores = {**model_scores(side)["scores"], **dict.fromkeys(WW_SCORES)}
+        run = root / rec.get("paths", {}).get("run", "-")
+        if weightwatcher and (run / "run.json").is_file():
+            scores.update(ww_alphas(run))
         rows.append({"study": study, "model": model, "key": rec["key"], "unit": rec["unit"],
-                     "scores": model_scores(side)["scores"], "forgetting": forgetting})
+                     "scores": scores, "forgetting": forgetting})
     return rows
 
 
@@ -132,13 +169,16 @@ def markdown(v: dict[str, Any], sources: list[str]) -> str:
              f"({', '.join(f'{s}: {n}' for s, n in v['studies'].items())}); higher forgetting = more damage. "
              f"Paper: ρ = {PAPER_RHO} (intruders vs forgetting over learning rates, RoBERTa r = 8, MNLI). "
              "Pooled: percentile ranks within each model. n/a: undefined (constant, or < 3 runs).", "",
-             "Reproduce: `python scripts/risk_validation.py " + " ".join(sources) + f" --seed {v['seed']}`", ""]
+             "Reproduce: `python scripts/risk_validation.py " + " ".join(sources) + f" --seed {v['seed']}"
+             + (" --weightwatcher" if v.get("weightwatcher") else "") + "`", ""]
     for m, res in v["measures"].items():
         studies = list(res["within"])
         lines += [f"## {m}", "", "| score | " + " | ".join(studies) + " | pooled |",
                   "|---|" + "---|" * (len(studies) + 1)]
         for s in SCORES:
-            label = f"{s} (baseline)" if s in BASELINES else s
+            if s in WW_SCORES and all(res["pooled"][s] is None for res in v["measures"].values()):
+                continue  # not computed (no --weightwatcher)
+            label = f"{s} (baseline)" if s in BASELINES + WW_SCORES else s
             lines.append(f"| {label} | " + " | ".join(f(res["within"][st][s]) for st in studies)
                          + f" | {f(res['pooled'][s])} |")
         lines += ["", f"Chosen on two thirds of the runs: **{res['chosen']}** (ρ {f(res['chosen_train_rho'])}); "
@@ -151,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs/results/risk"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weightwatcher", action="store_true", help="also WeightWatcher's α (pip install weightwatcher)")
     a = p.parse_args(argv)
-    rows = [r for s in a.stores for r in runs_of(s)]
+    rows = [r for s in a.stores for r in runs_of(s, a.weightwatcher)]
     if not rows:
         raise SystemExit("no run with a scan and a forgetting measure in " + ", ".join(map(str, a.stores)))
-    v = validate(rows, a.seed)
+    v = {**validate(rows, a.seed), "weightwatcher": a.weightwatcher}
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out / "risk_validation.json", {**v, "stores": [str(s) for s in a.stores], "runs": rows})
     atomic_write_text(a.out / "risk_validation.md", markdown(v, [str(s) for s in a.stores]))

@@ -63,3 +63,19 @@ def test_pooling_normalises_per_model_and_holds_out_a_seeded_third():
     assert v["measures"]["drift"]["within"]["b"]["risk"] == pytest.approx(1.0)
     assert v["n_held_out"] == 2 and v["measures"]["drift"]["held_out_rho"] is None  # 2 points: undefined
     assert rv.validate(rows, seed=0) == v and rv.rho([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_weightwatcher_alpha_of_a_lora_run(store):
+    """ww_alpha: WeightWatcher's own α over the block matrices of PEFT's merge of the run's adapter."""
+    ww = pytest.importorskip("weightwatcher")
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run = sorted((store / "units").glob("*/run"))[0]
+    got = rv.ww_alphas(run, min_evals=2)
+    record = json.loads((run / "run.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(record["model"], num_labels=2)
+    tuned = PeftModel.from_pretrained(base, run / "adapter").merge_and_unload()
+    d = ww.WeightWatcher(model=tuned).analyze(min_evals=2)
+    want = d[d["longname"].str.contains(r"\.\d+\.")]["alpha"].mean()
+    assert got["ww_alpha"] == pytest.approx(want, rel=1e-6) and got["ww_alpha_delta"] > 0
