@@ -60,7 +60,11 @@ def delta_kurtosis(delta: Delta, block: int = 1024) -> float | None:
             return delta.scale * (delta.B[i:i + block].double() @ delta.A.double())
         return delta[i:i + block].double()
 
-    mean = sum(float(rows(i).sum()) for i in range(0, m, block)) / (m * n)
+    if isinstance(delta, LowRankDelta):  # Σ_ij ΔW_ij = s (1ᵀB)(A 1): the mean without forming ΔW
+        total = delta.scale * float(delta.B.double().sum(0) @ delta.A.double().sum(1))
+    else:
+        total = float(delta.sum(dtype=torch.float64))
+    mean = total / (m * n)
     m2 = m4 = 0.0
     for i in range(0, m, block):
         c2 = (rows(i) - mean) ** 2
