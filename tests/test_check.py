@@ -75,3 +75,10 @@ def test_bad_input_is_exit_2_naming_it(llama_lora, tmp_path):
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
     r = _check(str(base), str(adapter), "--format", "pdf", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "'pdf'" in r.stderr
+    r = _check(str(base), str(adapter), "--format", "sarif")
+    assert r.returncode == 2 and "--out" in r.stderr
+
+
+def test_nothing_scanned_is_an_error_not_a_pass():
+    with pytest.raises(InputError, match="no matrix was scanned"):
+        judge(ScanResult(settings={"k": 10, "epsilon": 0.5, "tuned": "empty"}, matrices=[]), parse_fail_on("risk>0.6"))

@@ -84,6 +84,9 @@ def judge(result: ScanResult, conditions: list[Condition]) -> Verdict:
     sides = sorted({m.side for m in result.matrices}) or ["left"]
     side = "left" if "left" in sides else sides[0]
     records = [m for m in result.matrices if m.side == side]
+    if not records:  # a gate that passes on nothing would be a guess
+        raise InputError(f"{result.settings.get('tuned', 'the input')}: no matrix was scanned, nothing to check "
+                         f"(see the scan's unpaired list)")
     scores = model_scores(records)["scores"]
     failed = [c for c in conditions if c.holds(scores[c.score])]
     flagged = []

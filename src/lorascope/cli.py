@@ -159,9 +159,12 @@ def check(
 ) -> None:
     """Pass or fail an adapter on its data-free risk scores (exit 0 pass, 1 fail, 2 bad input)."""
     from lorascope.check import check_formats, judge, parse_fail_on, write_outputs
+    from lorascope.errors import InputError
     from lorascope.risk import MEANING, RISK_EPSILON, RISK_K, matrix_scores
 
     conditions, formats = parse_fail_on(fail_on), check_formats(format)  # before the scan, not after it
+    if out is None and format != "json":
+        raise InputError(f"--format {format} writes files: give --out DIR too")
     from lorascope.io.writers import guard_output
     from lorascope.scanning.api import scan as run_scan
     from lorascope.scanning.options import ScanOptions
