@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lorascope.spectral.operators import Delta, LowRankDelta
@@ -70,4 +72,5 @@ def delta_kurtosis(delta: Delta, block: int = 1024) -> float | None:
         c2 = (rows(i) - mean) ** 2
         m2, m4 = m2 + float(c2.sum()), m4 + float((c2 * c2).sum())
     m2, m4 = m2 / (m * n), m4 / (m * n)
-    return m4 / m2**2 - 3.0 if m2 > 0 else None
+    k = m4 / m2**2 - 3.0 if m2 > 0 else math.nan
+    return k if math.isfinite(k) else None  # m_2 underflowing: undefined, not a number to store
