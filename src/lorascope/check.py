@@ -1,9 +1,10 @@
 """``lorascope check``: a pass/fail gate on a scan's data-free scores, with JSON, SARIF 2.1.0 and JUnit.
 
 A condition is ``NAME OP NUMBER`` (``risk>0.6``, ``intruders>20``), NAME one of ``risk.SCORES``, OP
-one of ``> >= < <=``; several, comma-separated, fail when any holds. A flagged matrix is one that
-makes a failing condition true: its own value breaks the threshold (for ``risk``, the worst matrix's,
-and for the means), or it adds to a failing sum (``intruders``, ``strength``: a value above 0).
+one of ``> >= < <=``; several, comma-separated, fail when any holds (default
+``risk.DEFAULT_FAIL_ON``). A flagged matrix is one that makes a failing condition true: its own value
+breaks the threshold (for ``risk``, the worst matrix's, and for the means), or it adds to a failing
+sum (``intruders``, ``strength``: a value above 0).
 
 Torch-free: it reads a ``ScanResult``'s records and summary only (docs/risk.md).
 """
@@ -22,7 +23,6 @@ from lorascope.io.writers import atomic_write_json, atomic_write_text
 from lorascope.risk import MEANING, SCORES, SUMMED, VALIDATED, matrix_scores, model_scores
 from lorascope.schema import ScanResult
 
-DEFAULT_FAIL_ON = "risk>0.6"
 CHECK_FORMATS = ("json", "sarif", "junit")
 OPS: dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le, ">": operator.gt,
                                                   "<": operator.lt}

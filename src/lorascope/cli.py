@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorascope.check import DEFAULT_FAIL_ON
 from lorascope.errors import LorascopeError
+from lorascope.risk import DEFAULT_FAIL_ON
 from lorascope.scanning.options import default as scan_default
 from lorascope.train.config import TrainConfig, defaults, help_texts
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 RISK_EPSILON = 0.5
 RISK_K = 10
+DEFAULT_FAIL_ON = "risk>0.6"  # `lorascope check`'s default gate (a placeholder until validated)
 CANDIDATES = ("risk", "risk_mean", "intruders", "strength", "sigma_ratio", "rel_norm", "effective_rank")
 BASELINES = ("kurtosis", "energy")
 SCORES = CANDIDATES + BASELINES
