@@ -15,9 +15,9 @@ PKG = SRC / "lorascope"
 # its own package; docs/architecture.md draws the same picture.
 LAYERS = {
     "lorascope.errors": 0,
-    "lorascope.io.writers": 1, "lorascope.runtime": 1,
+    "lorascope.io.writers": 1, "lorascope.runtime": 1, "lorascope.risk": 1,
     "lorascope.schema": 2, "lorascope.scanning.options": 2,
-    "lorascope.spectral": 3, "lorascope.report": 3,
+    "lorascope.spectral": 3, "lorascope.report": 3, "lorascope.check": 3,
     "lorascope.io": 4, "lorascope.data": 4,
     "lorascope.scanning": 5, "lorascope.models": 5,
     "lorascope.mitigation": 6, "lorascope.evaluate": 6,

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 import lorascope
 from lorascope import scan
 from lorascope.errors import InputError, MismatchError
-from lorascope.schema import MitigationResult
+from lorascope.schema import SCHEMA_VERSION, MitigationResult
 from lorascope.spectral.edit import compress_factors
 
 EPS, K = 0.5, 10
@@ -398,7 +398,7 @@ def test_record_round_trip(llama, tmp_path):
     out = tmp_path / "out"
     result = lorascope.mitigate(str(root / "base"), str(root / "adapter"), out, lam=0.5)
     data = json.loads((out / "mitigation.json").read_text())
-    assert data["result_kind"] == "mitigation" and data["schema_version"] == "1.0"
+    assert data["result_kind"] == "mitigation" and data["schema_version"] == SCHEMA_VERSION
     loaded = MitigationResult.load(out)
     assert loaded.matrices == result.matrices and loaded.settings["lam"] == 0.5
 

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
+<<<<<<< HEAD
 from lorascope.io.writers import atomic_write_files, atomic_write_json
+=======
+from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lorascope.risk import model_scores
+>>>>>>> check
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: delta_kurtosis per record, the risk scores per side in summary
 OUTPUT_FORMATS = ("json", "csv", "parquet")
 # How pydantic reads records back (``validated``): exact types, no NaN or infinity.
 _STRICT = {"strict": True, "allow_inf_nan": False, "extra": "ignore"}  # ignore: a newer minor version reads
@@ -52,6 +57,7 @@ class MatrixRecord:
     null_max_cos: float  # mean max |cos| of a random unit vector against the base basis
     null_max_cos_q99: float
     exact: bool  # top-k from an exact decomposition (True) or converged subspace iteration
+    delta_kurtosis: float | None = None  # excess kurtosis of ΔW's entries (None: ΔW constant, or a 1.0 file)
 
 
 @dataclass
@@ -364,7 +370,8 @@ def check_k(k: Any, stored: int) -> None:
 
 
 def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, Any]:
-    """Model-level counts at (ε, k), plus the ε-curve at k and the k-curve at ε, per side."""
+    """Model-level counts at (ε, k), plus the ε-curve at k, the k-curve at ε and the data-free risk
+    scores (``lorascope.risk``), per side."""
     computed = [len(r.max_cos) for r in records if r.max_cos]
     if computed:
         check_k(k, min(computed))
@@ -399,6 +406,7 @@ def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, 
             "mean_delta_effective_rank": (
                 sum(r.delta_effective_rank for r in recs) / len(recs) if recs else 0.0
             ),
+            "risk": model_scores(recs),  # at ε = 0.5, k = 10 whatever the scan's (lorascope.risk)
         }
     return out
 

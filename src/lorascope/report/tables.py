@@ -324,6 +324,11 @@ def _count(run: Run) -> str:
             f"{_fmt(s.get('matrices_with_intruders'))} of {_fmt(s.get('n_matrices'))} matrices")
 
 
+def _risk(run: Run) -> float | None:
+    """The stored data-free risk (schema ≥ 1.1: summary.sides.<side>.risk.scores.risk), else None."""
+    return number((run.stats.get("risk") or {}).get("scores", {}).get("risk"))
+
+
 def _pct(v: float | None) -> str:
     """'+4.0 %', '-12.1 %', and '0.0 %' for anything that rounds to zero (never '-0.0 %')."""
     if v is None:
@@ -381,11 +386,26 @@ def headline(data: ReportData) -> list[str]:
             lines.append("; ".join(parts) + f" ({at}).")
         else:
             ranked = sorted(runs, key=lambda r: number(r.stats.get("n_intruders")) or 0)
+<<<<<<< HEAD
             lo, hi = ranked[0], ranked[-1]
             lo_at, hi_at = ("", "") if shared else (f" at {where(lo)}", f" at {where(hi)}")
             lines.append(f"Across {len(runs)} scans ({at}), intruder dimensions range from "
                          f"{_fmt(lo.stats.get('n_intruders'))} ({lo.label}{lo_at}) to "
                          f"{_fmt(hi.stats.get('n_intruders'))} ({hi.label}{hi_at}).")
+=======
+            lines.append(f"Across {len(runs)} scans ({where}), intruder dimensions range from "
+                         f"{_fmt(ranked[0].stats.get('n_intruders'))} ({ranked[0].label}) to "
+                         f"{_fmt(ranked[-1].stats.get('n_intruders'))} ({ranked[-1].label}).")
+        risky = [r for r in runs if _risk(r) is not None]
+        if risky:
+            worst = max(risky, key=_risk)
+            scores = worst.stats["risk"]["scores"]
+            which = "" if len(risky) == 1 else f"highest of {len(risky)} scans: {worst.label}, "
+            lines.append(f"Data-free risk {_risk(worst):.2f} ({which}the worst matrix's σ-weighted share of its "
+                         f"top-{worst.stats['risk'].get('k')} spectrum in directions new to the base; strength "
+                         f"{_fmt(scores.get('strength'))}); not yet validated against measured forgetting "
+                         "(docs/risk.md).")
+>>>>>>> check
     forg = [r for r in data.records if number(r.metrics.get("forgetting")) is not None
             and number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
     if len(forg) == 1:
