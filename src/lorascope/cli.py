@@ -11,11 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorascope.errors import LorascopeError
-<<<<<<< HEAD
 from lorascope.merging.options import default as merge_default
-=======
 from lorascope.risk import DEFAULT_FAIL_ON
->>>>>>> check
 from lorascope.scanning.options import default as scan_default
 from lorascope.train.config import TrainConfig, defaults, help_texts
 

@@ -18,12 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
-<<<<<<< HEAD
 from lorascope.io.writers import atomic_write_files, atomic_write_json
-=======
-from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorascope.risk import model_scores
->>>>>>> check
 
 SCHEMA_VERSION = "1.1"  # 1.1: delta_kurtosis per record, the risk scores per side in summary
 OUTPUT_FORMATS = ("json", "csv", "parquet")

@@ -386,16 +386,11 @@ def headline(data: ReportData) -> list[str]:
             lines.append("; ".join(parts) + f" ({at}).")
         else:
             ranked = sorted(runs, key=lambda r: number(r.stats.get("n_intruders")) or 0)
-<<<<<<< HEAD
             lo, hi = ranked[0], ranked[-1]
             lo_at, hi_at = ("", "") if shared else (f" at {where(lo)}", f" at {where(hi)}")
             lines.append(f"Across {len(runs)} scans ({at}), intruder dimensions range from "
                          f"{_fmt(lo.stats.get('n_intruders'))} ({lo.label}{lo_at}) to "
                          f"{_fmt(hi.stats.get('n_intruders'))} ({hi.label}{hi_at}).")
-=======
-            lines.append(f"Across {len(runs)} scans ({where}), intruder dimensions range from "
-                         f"{_fmt(ranked[0].stats.get('n_intruders'))} ({ranked[0].label}) to "
-                         f"{_fmt(ranked[-1].stats.get('n_intruders'))} ({ranked[-1].label}).")
         risky = [r for r in runs if _risk(r) is not None]
         if risky:
             worst = max(risky, key=_risk)
@@ -405,7 +400,6 @@ def headline(data: ReportData) -> list[str]:
                          f"top-{worst.stats['risk'].get('k')} spectrum in directions new to the base; strength "
                          f"{_fmt(scores.get('strength'))}); not yet validated against measured forgetting "
                          "(docs/risk.md).")
->>>>>>> check
     forg = [r for r in data.records if number(r.metrics.get("forgetting")) is not None
             and number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
     if len(forg) == 1:
