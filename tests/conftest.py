@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -39,3 +43,46 @@ def llama_lora(tmp_path):
         return tmp_path / "base", tmp_path / "adapter", (tmp_path / "merged" if merged else None)
 
     return build
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``make(folder)`` makes a folder read-only: permissions, or (as root, whom they do not stop) a
+    read-only bind mount, undone afterwards."""
+    mounts = []
+
+    def make(folder):
+        if os.geteuid() != 0:
+            for p in [folder, *folder.rglob("*")]:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            return
+        ok = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
+        if ok:
+            mounts.append(folder)
+            ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode == 0
+        if not ok:
+            pytest.skip("cannot make a read-only folder here (root, and no bind mounts)")
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)
+    if os.geteuid() != 0:
+        for p in [tmp_path, *tmp_path.rglob("*")]:
+            with contextlib.suppress(OSError):
+                p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, nearly full file system (a 256 KiB tmpfs with 8 KiB left), unmounted afterwards; skips
+    where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "filler").write_bytes(b"\0" * (248 * 1024))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -15,13 +15,13 @@ PKG = SRC / "lorascope"
 # its own package; docs/architecture.md draws the same picture.
 LAYERS = {
     "lorascope.errors": 0,
-    "lorascope.io.writers": 1, "lorascope.runtime": 1, "lorascope.progress": 1,
+    "lorascope.io.writers": 1, "lorascope.runtime": 1, "lorascope.risk": 1, "lorascope.progress": 1,
     "lorascope.schema": 2, "lorascope.scanning.options": 2,
-    "lorascope.spectral": 3, "lorascope.report": 3,
+    "lorascope.spectral": 3, "lorascope.report": 3, "lorascope.check": 3,
     "lorascope.io": 4, "lorascope.data": 4,
     "lorascope.scanning": 5, "lorascope.models": 5,
     "lorascope.mitigation": 6, "lorascope.evaluate": 6,
-    "lorascope.train": 7,
+    "lorascope.train": 7, "lorascope.merging": 7,
     "lorascope.experiments": 8,
     "lorascope.demo": 9,
     "lorascope.cli": 10, "lorascope.__main__": 11, "lorascope": 11,
@@ -137,7 +137,8 @@ HEAVY = ("torch", "transformers", "peft", "safetensors")
 
 
 @pytest.mark.parametrize("argv", [None, ["--help"], ["scan", "--help"], ["mitigate", "--help"], ["train", "--help"],
-                                  ["evaluate", "--help"], ["report", "--help"], ["experiment", "run", "--help"]])
+                                  ["evaluate", "--help"], ["report", "--help"], ["experiment", "run", "--help"],
+                                  ["merge", "--help"]])
 def test_light_entry_points_import_no_heavy_library(argv):
     code = "import sys, lorascope\n"
     if argv is not None:

@@ -736,37 +736,6 @@ def test_garbage_entry_files_are_repaired(tmp_path, llama_lora):
         _same_records(scan(str(base), str(adapter), device="cpu", cache_dir=str(cache_dir)), plain)
 
 
-@pytest.fixture
-def read_only(tmp_path):
-    """``make(folder)`` makes a folder read-only: permissions, or (as root, whom they do not stop) a
-    read-only bind mount, undone afterwards."""
-    mounts = []
-
-    def make(folder):
-        if os.geteuid() != 0:
-            for p in [folder, *folder.rglob("*")]:
-                p.chmod(0o555 if p.is_dir() else 0o444)
-            return
-        import subprocess
-
-        ok = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
-        if ok:
-            mounts.append(folder)
-            ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode == 0
-        if not ok:
-            pytest.skip("cannot make a read-only folder here (root, and no bind mounts)")
-
-    yield make
-    import subprocess
-
-    for folder in mounts:
-        subprocess.run(["umount", str(folder)], check=False)
-    if os.geteuid() != 0:
-        for p in [tmp_path, *tmp_path.rglob("*")]:
-            with __import__("contextlib").suppress(OSError):
-                p.chmod(0o755 if p.is_dir() else 0o644)
-
-
 def test_a_read_only_cache_folder_is_read_and_certified_but_not_written(tmp_path, llama_lora, read_only):
     base, adapter, _ = llama_lora(**_CACHE_PAIR)
     cache_dir = tmp_path / "cache"

@@ -164,11 +164,12 @@ def test_every_kind_is_one_module_in_the_registry():
     from lorascope.experiments import config as config_module
     from lorascope.experiments.kinds import KINDS
 
-    assert config_module.KINDS == tuple(KINDS) == ("methods", "sweeps", "intervention", "continual", "tracking")
+    assert config_module.KINDS == tuple(KINDS) == ("methods", "sweeps", "intervention", "continual", "tracking",
+                                                             "merge")
     for name, kind in KINDS.items():
         assert kind.__name__ == f"lorascope.experiments.kinds.{name}"
         assert callable(kind.plan) and issubclass(kind.Grid, config_module.Table)
-    assert set(studies.actions()) == {"train", "mitigate", "continual"}
+    assert set(studies.actions()) == {"train", "mitigate", "continual", "merge"}
 
 
 def test_example_configs_parse(assets, tmp_path):

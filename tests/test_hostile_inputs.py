@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +48,8 @@ def pair(tmp_path, llama_lora):
 
 CASES = {
     "bad --modules regex": (lambda b, a, t: ["scan", str(b), str(a), "--modules", "(["], "--modules '(['"),
+    "bad --modules regex (mitigate)": (lambda b, a, t: ["mitigate", str(b), str(a), "--modules", "([", "--out",
+                                                        str(t / "m")], "--modules '(['"),
     "--format xml, refused before the scan": (lambda b, a, t: ["scan", str(b), str(a), "--format", "xml",
                                                                "--out", str(t / "o")], "unknown output format 'xml'"),
     "--out is an existing file": (lambda b, a, t: ["scan", str(b), str(a), "--out", str(b / "config.json")],
@@ -115,6 +122,56 @@ def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
     assert code == 2 and not (tmp / "m").exists(), err
 
 
+def test_a_lora_missing_one_modules_b_factor_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    broken = tmp / "one"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    gone = sorted(k for k in sd if "lora_B" in k)[0]
+    save_file({k: v for k, v in sd.items() if k != gone}, str(broken / "adapter_model.safetensors"))
+    code, err = run_cli(["scan", str(base), str(broken)], capsys)
+    assert code == 2 and gone.removeprefix("base_model.model.").rsplit(".lora_B", 1)[0] in err and "lora_B" in err, err
+
+
+def test_an_adapter_folder_without_its_config_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    bare = tmp / "bare"
+    bare.mkdir()
+    (bare / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    code, err = run_cli(["scan", str(base), str(bare)], capsys)
+    assert code == 2 and "adapter_config.json" in err and "Traceback" not in err, err
+
+
+def test_a_report_of_a_tampered_scan_names_the_field(pair, capsys):
+    base, adapter, tmp = pair
+    assert run_cli(["scan", str(base), str(adapter), "--out", str(tmp / "scan")], capsys)[0] == 0
+    d = json.loads((tmp / "scan" / "scan.json").read_text())
+    d["matrices"][0]["max_cos"] = "0.3"
+    (tmp / "scan" / "scan.json").write_text(json.dumps(d))
+    code, err = run_cli(["report", str(tmp / "scan"), "--out", str(tmp / "r.html")], capsys)
+    assert code == 2 and "scan.json" in err and "max_cos" in err and "Traceback" not in err, err
+    assert not (tmp / "r.html").exists()
+
+
+def test_a_read_only_output_folder_is_an_error(pair, capsys, read_only):
+    base, adapter, tmp = pair
+    ro = tmp / "ro"
+    ro.mkdir()
+    read_only(ro)  # tests/conftest.py: permissions, or a read-only bind mount for root
+    code, err = run_cli(["scan", str(base), str(adapter), "--out", str(ro / "o")], capsys)
+    assert code == 2 and "ro/o" in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_is_an_error_and_leaves_nothing(pair, capsys, full_disk):
+    base, adapter, tmp = pair
+    for argv in (["scan", str(base), str(adapter), "--out", str(full_disk / "o"), "--format", "json,csv"],
+                 ["mitigate", str(base), str(adapter), "--out", str(full_disk / "m"), "--format", "merged"]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and "No space left on device" in err and "Traceback" not in err, (argv, err)
+        assert sorted(p.name for p in full_disk.iterdir()) == ["filler"], list(full_disk.iterdir())
+
+
 def test_malformed_adapter_configs_are_errors(pair, capsys):
     base, adapter, tmp = pair
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -126,3 +183,122 @@ def test_malformed_adapter_configs_are_errors(pair, capsys):
         (bad / "adapter_config.json").write_text(text)
         code, err = run_cli(["scan", str(base), str(bad)], capsys)
         assert code == 2 and "adapter_config.json" in err and "Traceback" not in err, (name, err)
+
+
+# ------------------------------------------------------------------ experiment stores and runs
+
+
+SWEEP = ["--set", "train.epochs=1", "--set", "grid.n_examples=[32]", "--set", "grid.lrs=[1e-3]"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny sweeps config and a store with one finished unit, built once for the tests below."""
+    from lorascope.experiments.tiny import write_tiny_assets
+
+    root = tmp_path_factory.mktemp("sweep")
+    write_tiny_assets(root)
+    cfg = root / "sweeps.toml"
+    cfg.write_text((Path(__file__).resolve().parents[1] / "examples/experiments/tiny_sweeps.toml").read_text())
+    store = root / "store"
+    code = subprocess.run([sys.executable, "-m", "lorascope", "experiment", "run", str(cfg), "--out", str(store),
+                           "--max-units", "1", *SWEEP], capture_output=True, env=_one_thread()).returncode
+    assert code == 0 and (store / "records.jsonl").is_file()
+    return cfg, store
+
+
+def _one_thread() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _copy(store: Path, to: Path) -> Path:
+    shutil.copytree(store, to)
+    return to
+
+
+def test_a_bad_set_value_names_the_option(sweep, tmp_path, capsys):
+    cfg, _ = sweep
+    code, err = run_cli(["experiment", "run", str(cfg), "--out", str(tmp_path / "s"), "--set", "train.epochs=["],
+                        capsys)
+    assert code == 2 and "epochs" in err and "'['" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_non_utf8_bytes_in_a_store_are_an_error_naming_the_line(sweep, tmp_path, capsys):
+    cfg, store = sweep
+    bad = _copy(store, tmp_path / "bad")
+    with open(bad / "records.jsonl", "ab") as f:
+        f.write(b"\xff\xfe not text\n")
+    before = digests(bad)
+    for argv in (["experiment", "status", str(bad)], ["report", str(bad), "--out", str(tmp_path / "r.html")],
+                 ["experiment", "run", str(cfg), "--out", str(bad), "--resume", *SWEEP]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and "records.jsonl" in err and "Traceback" not in err, (argv, err)
+    after = digests(bad)
+    after.pop(".lock"), before.pop(".lock")  # the lock file holds the pid of the last run: lorascope's own
+    assert after == before and not (tmp_path / "r.html").exists()
+
+
+def test_an_empty_records_file_says_so(tmp_path, capsys):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "records.jsonl").write_text("")
+    code, err = run_cli(["report", str(tmp_path / "store"), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 2 and "records.jsonl: holds no finished units yet" in err, err
+
+
+def test_a_stale_lock_naming_a_live_unrelated_pid_does_not_block(sweep, tmp_path, capsys):
+    """A killed run leaves .lock behind; its pid may now be any live process (here: this test). Only
+    a lock actually held by a process counts."""
+    cfg, store = sweep
+    st = _copy(store, tmp_path / "st")
+    (st / ".lock").write_text(str(os.getpid()))
+    code, out = run_cli(["experiment", "status", str(st)], capsys)
+    assert code == 0
+    code, err = run_cli(["experiment", "run", str(cfg), "--out", str(st), "--resume", *SWEEP], capsys)
+    assert code == 0, err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc")
+def test_workers_end_with_a_killed_parent(sweep, tmp_path):
+    """SIGKILL of `experiment run --workers 2` must not leave its workers training for minutes."""
+    cfg, _ = sweep
+    proc = subprocess.Popen([sys.executable, "-m", "lorascope", "experiment", "run", str(cfg), "--out",
+                             str(tmp_path / "s"), "--workers", "2", "--set", "train.epochs=20000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_one_thread())
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and len(workers) < 2:  # the pool's spawn workers (plus its tracker)
+        time.sleep(0.3)
+        workers = [k for k in _children(proc.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(workers) >= 2, "the pool never started"
+    time.sleep(3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # A worker still starting up (importing torch: seconds on a busy machine) ends once it is up; one
+    # inside a unit of 20,000 epochs would otherwise train on for many minutes.
+    deadline = time.time() + 90
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their parent"

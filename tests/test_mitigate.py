@@ -16,7 +16,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 import lorascope
 from lorascope import scan
 from lorascope.errors import InputError, MismatchError
-from lorascope.schema import MitigationResult
+from lorascope.schema import SCHEMA_VERSION, MitigationResult
 from lorascope.spectral.edit import compress_factors
 
 EPS, K = 0.5, 10
@@ -398,7 +398,7 @@ def test_record_round_trip(llama, tmp_path):
     out = tmp_path / "out"
     result = lorascope.mitigate(str(root / "base"), str(root / "adapter"), out, lam=0.5)
     data = json.loads((out / "mitigation.json").read_text())
-    assert data["result_kind"] == "mitigation" and data["schema_version"] == "1.0"
+    assert data["result_kind"] == "mitigation" and data["schema_version"] == SCHEMA_VERSION
     loaded = MitigationResult.load(out)
     assert loaded.matrices == result.matrices and loaded.settings["lam"] == 0.5
 
@@ -541,3 +541,35 @@ def test_conv2d_merged_output_equals_the_exact_edit(tmp_path):
         got = out[name].reshape(24, -1).double()
         assert (got - exact).norm() / exact.norm() < 1e-6, name
     assert torch.equal(out["down_blocks.0.resnets.0.norm1.weight"], base["down_blocks.0.resnets.0.norm1.weight"])
+
+
+@pytest.mark.parametrize("spectrum", ["smooth", "clustered"])
+def test_krylov_edit_equals_the_exact_float64_edit(spectrum):
+    """plan_matrix finds W_t's top-k by float64 block Krylov (no second eigendecomposition); the
+    correction C D of Eq. (1) must equal the one built from the exact Gram route to float64 accuracy,
+    also where the top singular values sit close together (slow convergence, or the exact fallback)."""
+    from lorascope.spectral.decompose import exact_top_k, left_basis
+    from lorascope.spectral.edit import plan_matrix
+    from lorascope.spectral.intruders import max_abs_cos
+    from lorascope.spectral.operators import LowRankDelta
+
+    g = torch.Generator().manual_seed(3)
+    m, n, r, k = 320, 448, 8, 10
+    U0 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -2, m, dtype=torch.float64)
+    if spectrum == "clustered":
+        s[:40] = 1.0 - 1e-3 * torch.rand(40, generator=g, dtype=torch.float64)  # a dense top edge
+    W0 = (U0 * s) @ V0.T
+    B = torch.randn(m, r, generator=g, dtype=torch.float64) * 0.3
+    A = torch.randn(r, n, generator=g, dtype=torch.float64) * 0.3
+    delta = LowRankDelta(B=B, A=A, scale=2.0)
+    Wt = W0 + delta.dense()
+    plan = plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta)
+    exact = exact_top_k(Wt, k)
+    cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
+    chosen = [j for j in range(k) if cos[j] < 0.5]
+    assert chosen and plan.n_intruders == len(chosen)
+    ref = (0.25 - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T
+    assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
+    assert torch.allclose(plan.tuned.S, exact.S, rtol=1e-12, atol=0)

@@ -207,9 +207,9 @@ def test_experiment_report(tmp_path):
     data = load(root)
     assert len(data.records) == 2 + len(LAMS) + len(NEIGHBOUR) + len(CONTINUAL)
     assert len(data.tracking) == len(TRACK) and len(data.mitigations) == 1
-    assert [r.label for r in data.runs][:5] == [f"lam={lam} method=lora rank=8 task=t1" for lam in LAMS]
+    assert [r.label for r in data.runs][2:7] == [f"LoRA r=8 on t1, λ = {lam:g}" for lam in LAMS]
     full = [r for r in data.runs if r.result is not None]
-    assert sorted(r.label for r in full) == ["method=full task=t1", "method=lora rank=8 task=t1"]
+    assert sorted(r.label for r in full) == ["LoRA r=8 on t1", "full fine-tuning on t1"]
     assert data.records[0].n_intruders == 6 and data.records[0].run.result is not None
 
     # Table 3: % change against the λ = 1 record, for intruders and the neighbour control.
@@ -241,9 +241,9 @@ def test_experiment_report(tmp_path):
         in heads
     assert "During training: intruders went from 0 at step 0 to 5 at step 40." in heads
     assert "6 directions rescaled in 3 of 6 matrices" in heads
-    assert ("<p>method=full task=t1: 0 intruder dimensions in 0 of 6 matrices; method=lora rank=8 task=t1: "
-            "6 intruder dimensions in 3 of 6 matrices (left singular vectors, ε = 0.5, k = 10).</p>") in heads
-    assert "Forgetting ranges from 2.5 (method=lora rank=8) to 3.1 (method=full) over 2 records." in heads
+    assert ("<p>LoRA r=8 on t1: 6 intruder dimensions in 3 of 6 matrices; full fine-tuning on t1: "
+            "0 intruder dimensions in 0 of 6 matrices (left singular vectors, ε = 0.5, k = 10).</p>") in heads
+    assert "Forgetting ranges from 2.5 (LoRA r=8) to 3.1 (full fine-tuning) over 2 records." in heads
     names = {p.stem for p in (tmp_path / "png").glob("*.png")}
     assert {"lambda_tradeoff", "continual", "dynamics", "mitigation_0", "similarity_0", "similarity_1",
             "delta_spectra", "intruders_vs_epsilon"} <= names

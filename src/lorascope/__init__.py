@@ -14,19 +14,26 @@ __version__ = "0.1.0"
 _EXPORTS = {  # public name -> the module that defines it
     "scan": "lorascope.scanning.api",
     "mitigate": "lorascope.mitigation.api",
+    "merge": "lorascope.merging.api",
+    "MergeOptions": "lorascope.merging.options",
+    "MergeResult": "lorascope.schema",
     "ScanOptions": "lorascope.scanning.options",
     "ScanResult": "lorascope.schema",
     "MatrixRecord": "lorascope.schema",
     "MitigationResult": "lorascope.schema",
 }
 
-__all__ = ["MatrixRecord", "MitigationResult", "ScanOptions", "ScanResult", "__version__", "mitigate", "scan"]
+__all__ = ["MatrixRecord", "MergeOptions", "MergeResult", "MitigationResult", "ScanOptions", "ScanResult",
+           "__version__", "merge", "mitigate", "scan"]
 
 if TYPE_CHECKING:
+    from lorascope.merging.api import merge as merge
+    from lorascope.merging.options import MergeOptions as MergeOptions
     from lorascope.mitigation.api import mitigate as mitigate
     from lorascope.scanning.api import scan as scan
     from lorascope.scanning.options import ScanOptions as ScanOptions
     from lorascope.schema import MatrixRecord as MatrixRecord
+    from lorascope.schema import MergeResult as MergeResult
     from lorascope.schema import MitigationResult as MitigationResult
     from lorascope.schema import ScanResult as ScanResult
 

@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorascope.errors import InputError, LorascopeError
+from lorascope.merging.options import default as merge_default
+from lorascope.risk import DEFAULT_FAIL_ON
 from lorascope.scanning.options import default as scan_default
 from lorascope.train.config import VARIANTS, TrainConfig, defaults, help_texts, variant
 
@@ -136,13 +138,13 @@ def _labels(specs: list[str]) -> list[str]:
 def print_batch_summary(results, labels: list[str]) -> None:
     """One row per input of a batch scan."""
     first = results[0].summary()
-    table = Table("input", "intruders", "matrices with", "mean erank ΔW",
+    table = Table("input", "intruders", "matrices with", "mean erank ΔW", "risk",
                   title=f"intruder dimensions (ε={first['epsilon']}, k={first['k']}, left side)")
     for label, result in zip(labels, results, strict=True):
         s = result.summary()["sides"]
         s = s.get("left") or next(iter(s.values()))
         table.add_row(label, str(s["n_intruders"]), f"{s['matrices_with_intruders']}/{s['n_matrices']}",
-                      f"{s['mean_delta_effective_rank']:.2f}")
+                      f"{s['mean_delta_effective_rank']:.2f}", f"{s['risk']['scores']['risk'] or 0:.3f}")
     console.print(table)
     console.print(f"scanned {len(results)} inputs in {results[0].timing.get('seconds')} s")
 
@@ -157,6 +159,10 @@ def print_scan_summary(result) -> None:
             f"(ε={summary['epsilon']}, k={summary['k']}); mean effective rank of ΔW "
             f"{s['mean_delta_effective_rank']:.2f}"
         )
+        risk = s["risk"]["scores"]
+        console.print(f"data-free risk {risk['risk'] or 0:.3f} (worst matrix; mean {risk['risk_mean'] or 0:.3f}), "
+                      f"strength {risk['strength']:.3f}: not yet validated against forgetting (docs/risk.md)",
+                      highlight=False)
         if s["worst"]:
             table = Table("intruders", "min max|cos|", "chance max|cos|", "matrix")
             by_name = {r.name: r for r in result.matrices if r.side == side}
@@ -165,6 +171,55 @@ def print_scan_summary(result) -> None:
                 table.add_row(str(w["n_intruders"]), f"{min(r.max_cos):.3f}", f"{r.null_max_cos:.3f}", w["name"])
             console.print(table)
     console.print(f"scanned {result.timing.get('n_matrices')} matrices in {result.timing.get('seconds')} s")
+
+
+@app.command()
+def check(
+    base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
+    adapter: str = typer.Argument(..., help="Adapter or fine-tuned model, as for `scan`."),
+    fail_on: str = typer.Option(DEFAULT_FAIL_ON, help="Fail when any holds: NAME OP NUMBER, comma-separated "
+                                "(risk>0.6, intruders>20; names in docs/risk.md)."),
+    format: str = typer.Option("json", help="With --out, comma-separated: json,sarif,junit."),
+    out: Path | None = typer.Option(None, help="Write OUT/check.json (+ scan.json), check.sarif, check.junit.xml."),
+    modules: str | None = typer.Option(scan_default("modules"), help="Regex on tensor names to restrict the scan."),
+    device: str = typer.Option(scan_default("device"), help="auto, cpu or cuda."),
+    residual_base: str | None = typer.Option(None, help="As for `scan` (PiSSA, OLoRA, ... inits)."),
+) -> None:
+    """Pass or fail an adapter on its data-free risk scores (exit 0 pass, 1 fail, 2 bad input)."""
+    from lorascope.check import check_formats, judge, parse_fail_on, write_outputs
+    from lorascope.errors import InputError
+    from lorascope.risk import MEANING, RISK_EPSILON, RISK_K, matrix_scores
+
+    conditions, formats = parse_fail_on(fail_on), check_formats(format)  # before the scan, not after it
+    if out is None and format != "json":
+        raise InputError(f"--format {format} writes files: give --out DIR too")
+    from lorascope.io.writers import guard_output
+    from lorascope.scanning.api import scan as run_scan
+    from lorascope.scanning.options import ScanOptions
+
+    if out is not None:
+        guard_output(out, {"base": base, "adapter": adapter})
+    result = run_scan(base, adapter, ScanOptions(k=RISK_K, epsilon=RISK_EPSILON, modules=modules, device=device),
+                      progress=True, residual_base=residual_base)
+    v = judge(result, conditions)
+    colour = "green" if v.passed else "red"
+    console.print(f"[bold {colour}]{'PASS' if v.passed else 'FAIL'}[/] {escape(adapter)} "
+                  f"({', '.join(str(c) for c in v.failed) or 'no condition of ' + fail_on + ' holds'})")
+    console.print(f"risk {v.scores['risk'] or 0:.3f}: {MEANING['risk']}; intruders {v.scores['intruders']:.0f} "
+                  f"(ε={RISK_EPSILON}, k={RISK_K}). Not yet validated against measured forgetting (docs/risk.md).",
+                  highlight=False)
+    worst = sorted(((m.name, matrix_scores(m)) for m in result.matrices if m.side == v.side),
+                   key=lambda t: -(t[1]["risk"] or 0.0))[:10]
+    table = Table("risk", "intruders", "strength", "σ1(ΔW)/σk(W0)", "matrix", title="worst matrices")
+    for name, s in worst:
+        table.add_row(f"{s['risk'] or 0:.3f}", f"{s['intruders']:.0f}", f"{s['strength']:.3f}",
+                      "-" if s["sigma_ratio"] is None else f"{s['sigma_ratio']:.3g}", name)
+    console.print(table)
+    if out is not None:
+        written = write_outputs(v, result, out, formats, base, adapter)
+        console.print("wrote " + ", ".join(str(w) for w in written))
+    if not v.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -268,6 +323,62 @@ def _mitigate_sweep(base, tuned, out, lams, settings, metric, data, max_examples
     Console().print(table)
     console.print(f"wrote {len(records)} λ folders and {Path(out) / 'records.jsonl'} (lorascope report {out} "
                   "draws them)")
+
+
+@app.command("merge")
+def merge_cmd(
+    base: str = typer.Argument(..., help="Base model every adapter was trained on: HF folder, weight file or hub id."),
+    adapters: list[str] = typer.Argument(..., help="Two or more adapters (PEFT folders, kohya / diffusers / LyCORIS "
+                                         "files, run folders) or fine-tunes of BASE."),
+    out: Path = typer.Option(..., help="Output folder (adapter or model), with merge.json."),
+    method: str = typer.Option(merge_default("method"), help="linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                               "knots_ties, knots_dare or emr (docs/merge.md)."),
+    weights: str | None = typer.Option(None, help=escape("Comma-separated, one per adapter [default: 1 each].")),
+    density: float | None = typer.Option(merge_default("density"), help=escape("Fraction kept by TIES' trim / "
+                                                                                  "DARE's drop [default: 0.5].")),
+    seed: int = typer.Option(merge_default("seed"), help="Seed of DARE's random masks."),
+    format: str = typer.Option(merge_default("format"), help="adapter (PEFT LoRA, ΔW exact) or merged (model)."),
+    modules: str | None = typer.Option(merge_default("modules"), help="Regex on tensor names to restrict the merge."),
+    embeddings: bool = typer.Option(merge_default("embeddings"), help="Also merge embedding matrices."),
+    device: str = typer.Option(merge_default("device"), help="auto, cpu or cuda."),
+    scan: bool = typer.Option(False, help="Scan the merge and the inputs; attribute each merged intruder."),
+    k: int = typer.Option(scan_default("k"), help="--scan: top-k singular vectors tested."),
+    epsilon: float = typer.Option(scan_default("epsilon"), help="--scan: intruder threshold on max |cos|."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+) -> None:
+    """Merge adapters of one base (task arithmetic, TIES, DARE, KnOTS, EMR) into an exact adapter or a model."""
+    from lorascope.errors import InputError
+    from lorascope.merging.api import merge
+    from lorascope.merging.options import MergeOptions
+    from lorascope.scanning.options import ScanOptions
+
+    ws = None
+    if weights is not None:
+        try:
+            ws = tuple(float(x) for x in weights.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"--weights must be comma-separated numbers, got '{weights}'") from None
+    options = MergeOptions(method=method, weights=ws, density=density, seed=seed, format=format, modules=modules,
+                           embeddings=embeddings, device=device)
+    result = merge(base, adapters, out, options, scan=scan, scan_options=ScanOptions(k=k, epsilon=epsilon),
+                   overwrite=overwrite, progress=True)
+    s, st = result.summary(), result.output["storage"]
+    console.print(f"merged {s['n_matrices']} matrices of {len(adapters)} inputs with {method} (mean rank "
+                  f"{s['mean_rank_after']:.1f}); largest relative error of the written weights "
+                  f"{s['max_rel_error']:.2e}")
+    console.print(f"storage: inputs {st['inputs_bytes']:,} B, written {st['written_bytes']:,} B"
+                  + (f", EMR compact {st['emr_compact_bytes']:,} B" if "emr_compact_bytes" in st else ""))
+    if scan:
+        a = result.analysis
+        table = Table("", "intruders", title=f"intruder dimensions (ε={a['epsilon']}, k={a['k']}, left side)")
+        for label, n in a["intruders"]["inputs"].items():
+            table.add_row(f"input {label}", str(n))
+        for label, n in a["intruders"]["outputs"].items():
+            table.add_row(f"merge {label}" if label != "merge" else "merge", str(n))
+        console.print(table)
+        console.print("merged intruders closest to: " + ", ".join(f"{k} {v}" for k, v in a["attributed_to"].items())
+                      + f"; new directions {a['new_directions']}")
+    console.print(f"wrote {result.output['format']} to {out} in {result.timing['seconds']} s")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The versioned result schema that scan writes and mitigate, report and experiments read.
+"""The versioned result schema that scan writes and mitigate, merge, report and experiments read.
 
 One ``ScanResult`` holds one record per (weight matrix, side). Everything model-level (totals,
 per-layer counts, ε- and k-curves) is *derived* from the records by ``summarize``, so any ε and any
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lorascope.io.writers import atomic_write_files, atomic_write_json
+from lorascope.risk import model_scores
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: delta_kurtosis per record, the risk scores per side in summary
 OUTPUT_FORMATS = ("json", "csv", "parquet")
 # How pydantic reads records back (``validated``): exact types, no NaN or infinity.
 _STRICT = {"strict": True, "allow_inf_nan": False, "extra": "ignore"}  # ignore: a newer minor version reads
@@ -52,6 +53,7 @@ class MatrixRecord:
     null_max_cos: float  # mean max |cos| of a random unit vector against the base basis
     null_max_cos_q99: float
     exact: bool  # top-k from an exact decomposition (True) or converged subspace iteration
+    delta_kurtosis: float | None = None  # excess kurtosis of ΔW's entries (None: ΔW constant, or a 1.0 file)
 
 
 @dataclass
@@ -161,34 +163,21 @@ class ScanResult(Result):
     def save(self, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json",)) -> list[Path]:
         """Write ``scan.json`` (always) and ``scan.csv`` / ``scan.parquet`` on request, atomically."""
         formats = check_formats(formats)
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} is a file, not a folder; choose another --out")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
-        written = [out / "scan.json"]
-        atomic_write_json(written[0], self.to_dict())
-        for fmt in formats:
-            if fmt == "json":
-                continue
-            if fmt == "csv":
-                import csv
+        files = {"scan.json": (json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8")}
+        if "csv" in formats:
+            import csv
 
-                buf = io.StringIO()
-                rows = self.rows()
-                writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
-                writer.writeheader()
-                writer.writerows(rows)
-                atomic_write_text(out / "scan.csv", buf.getvalue())
-                written.append(out / "scan.csv")
-            elif fmt == "parquet":  # native list columns, similarity maps included
-                buf = io.BytesIO()
-                self.to_pandas().to_parquet(buf, index=False)
-                atomic_write_bytes(out / "scan.parquet", buf.getvalue())
-                written.append(out / "scan.parquet")
-        return written
+            buf = io.StringIO()
+            rows = self.rows()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+            writer.writeheader()
+            writer.writerows(rows)
+            files["scan.csv"] = buf.getvalue().encode("utf-8")
+        if "parquet" in formats:
+            pq = io.BytesIO()
+            self.to_pandas().to_parquet(pq, index=False)  # native list columns, similarity maps included
+            files["scan.parquet"] = pq.getvalue()
+        return atomic_write_files(out_dir, files)  # all or none: a full disk leaves the old files
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:
@@ -318,6 +307,77 @@ def _html_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+
+# -- merge (lorascope merge) -----------------------------------------------------------------------
+@dataclass
+class MergedIntruder:
+    """One intruder of a merged matrix and where it comes from (``--scan``)."""
+
+    __pydantic_config__ = _STRICT
+
+    output: int  # which output (0; EMR: the input whose adapter it is)
+    index: int  # j: rank among the merged matrix's top-k (0-based)
+    max_cos: float  # max_i |cos(u_j, x_i)| over the base's left singular vectors (< ε)
+    input_max_cos: list[float]  # per input: max_l |cos(u_j, u_l^(input))| over that input's top-k left vectors
+
+
+@dataclass
+class MatrixMerge:
+    """One merged matrix: its outputs' ranks and how exactly the written weights hold the merge."""
+
+    __pydantic_config__ = _STRICT
+
+    name: str  # base tensor name
+    kind: str  # linear | conv1d | embedding | conv2d
+    shape: list[int]  # [out, in]
+    sources: list[str]  # each input's reference for it
+    input_ranks: list[int | None]  # LoRA rank of each input (None: dense ΔW)
+    delta_rel_norm: list[float]  # ‖ΔW_out‖_F / ‖W_0‖_F per output
+    rank_after: list[int]  # numerical rank of each output's ΔW (the LoRA rank written)
+    rel_error: list[float]  # ‖W_written − (W_0 + ΔW)‖_F / ‖W_0 + ΔW‖_F per output, ΔW exact in float64
+    intruders: list[MergedIntruder] = field(default_factory=list)  # with --scan
+
+
+@dataclass
+class MergeResult(Result):
+    matrices: list[MatrixMerge] = field(default_factory=list)
+    output: dict[str, Any] = field(default_factory=dict)  # path, format, outputs (label, path, files, bytes), storage
+    analysis: dict[str, Any] = field(default_factory=dict)  # with --scan: intruders per input and output
+    result_kind: str = "merge"
+
+    def summary(self) -> dict[str, Any]:
+        errors = [e for m in self.matrices for e in m.rel_error]
+        ranks = [r for m in self.matrices for r in m.rank_after]
+        return {
+            "n_matrices": len(self.matrices),
+            "max_rel_error": max(errors, default=0.0),
+            "mean_rank_after": sum(ranks) / len(ranks) if ranks else 0.0,
+            "n_merged_intruders": sum(len(m.intruders) for m in self.matrices),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._to_dict(output=self.output, analysis=self.analysis)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / "merge.json"
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergeResult:
+        """Read a merge.json, or the one inside an output folder."""
+        p = Path(path)
+        p = p / "merge.json" if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+
+            def records(ms: list[dict[str, Any]]) -> list[MatrixMerge]:
+                return [validated(MatrixMerge, m, i) for i, m in enumerate(ms)]
+
+            return cls(**cls._envelope(d, records), output=d.get("output", {}), analysis=d.get("analysis", {}))
+        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+            raise InputError(f"{p}: not a lorascope merge result ({e})") from e
+
 def validated(cls: type, record: Any, index: int) -> Any:
     """A record read back from a file, with every field of the type the dataclass declares (a string
     is not a number, a missing field is an error) and every number finite: a NaN max-cos would count
@@ -364,7 +424,8 @@ def check_k(k: Any, stored: int) -> None:
 
 
 def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, Any]:
-    """Model-level counts at (ε, k), plus the ε-curve at k and the k-curve at ε, per side."""
+    """Model-level counts at (ε, k), plus the ε-curve at k, the k-curve at ε and the data-free risk
+    scores (``lorascope.risk``), per side."""
     computed = [len(r.max_cos) for r in records if r.max_cos]
     if computed:
         check_k(k, min(computed))
@@ -399,6 +460,7 @@ def summarize(records: list[MatrixRecord], epsilon: float, k: int) -> dict[str, 
             "mean_delta_effective_rank": (
                 sum(r.delta_effective_rank for r in recs) / len(recs) if recs else 0.0
             ),
+            "risk": model_scores(recs),  # at ε = 0.5, k = 10 whatever the scan's (lorascope.risk)
         }
     return out
 

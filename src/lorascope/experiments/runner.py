@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import datetime as _dt
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def run_experiment(
     runner = _backend(backend, workers, root, threads)
     try:
         with store.lock():
+            store.read_records()  # a corrupt store is refused before anything in it is rewritten
             _write_header(store, config, units)
             store.repair()
             recovered = store.recover()
@@ -213,12 +215,26 @@ class _Inline(_Backend):
             return handle, None, e
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker within a second of its parent's death. A parent killed with
+    SIGKILL cannot shut its pool down, and a worker in the middle of a unit would otherwise train on for
+    minutes, holding its memory, with nobody to take its result."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lorascope-parent-watch", daemon=True).start()
+
+
 class _Pool(_Backend):
     def __init__(self, root: Path, workers: int, threads: int | None):
         self.root, self.capacity = root, workers
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         spawn = multiprocessing.get_context("spawn")  # no forked copies of torch's threads and state
-        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=spawn)
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=spawn, initializer=_die_with_parent,
+                                           initargs=(os.getpid(),))
 
     def submit(self, unit: Unit) -> cf.Future:
         return self.pool.submit(execute, unit.to_dict(), str(self.root), self.threads)

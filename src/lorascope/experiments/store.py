@@ -64,18 +64,21 @@ class Store:
         path = self.root / RECORDS
         if not path.is_file():
             return []
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+        lines = data.split(b"\n")
         out = []
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if n == len(lines) and not text.endswith("\n"):
-                    break  # a torn last line
-                raise InputError(f"{path}:{n}: not JSON ({e})") from e
+                rec = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                if n == len(lines) and not data.endswith(b"\n"):
+                    break  # a torn last line (a kill can cut a multi-byte character too)
+                raise InputError(f"{path}:{n}: not a UTF-8 JSON line ({e}); remove or fix that line") from e
             if not isinstance(rec, dict) or "key" not in rec or "unit" not in rec or "metrics" not in rec:
                 raise InputError(f"{path}:{n}: not an experiment record (needs key, unit, metrics)")
             out.append(rec)
@@ -121,7 +124,12 @@ class Store:
         for folder in sorted((self.root / UNITS).glob("*")) if (self.root / UNITS).is_dir() else []:
             rec_file = folder / RECORD
             if folder.name not in done and rec_file.is_file():
-                rec = json.loads(rec_file.read_text(encoding="utf-8"))
+                try:
+                    rec = json.loads(rec_file.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                    continue  # not a finished record: the unit runs again (reset_unit clears it)
+                if not isinstance(rec, dict) or rec.get("key") != folder.name or "metrics" not in rec:
+                    continue
                 self.append(rec)
                 recovered.append(rec)
         return recovered

@@ -12,7 +12,9 @@ scan then costs one top-k of W_0 + ΔW per matrix, with ΔW = s·B A taken from 
 Use it as a transformers ``TrainerCallback`` (``Trainer(..., callbacks=[tracker])``), in lorascope's
 own recipe (``lorascope.train.train(cfg, out, callbacks=[tracker])``), or from any loop by calling
 ``tracker.on_step(model, step)``. Every scan appends a line to ``tracking.jsonl`` (the report draws
-them against step) and, when TensorBoard is installed, writes ``intruders/*`` scalars.
+them against step) and, when TensorBoard is installed, writes ``intruders/*`` scalars. The line also
+holds the mean training loss since the previous line (``train_loss``, from ``on_train_loss`` in
+lorascope's loop or the Trainer's logs) and, with a ``score`` function, the task score at that step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +87,10 @@ class IntruderTracker(TrainerCallback):
     ``epsilon``, ``modules``, ``side``, ``embeddings``, ``device``, ``dtype``): as in ``lorascope.scan``.
     ``log``: a ``tracking.jsonl`` to append to.
     ``tensorboard``: a log folder (used when TensorBoard is installed). ``unit``: labels stored with
-    each line. ``history`` keeps ``(step, summary)`` of every scan; ``last`` the last per-matrix records.
+    each line. ``score``: ``score(model) -> {name: value}`` called at every scanned step (e.g.
+    ``lorascope.train.recipes.task_scorer``); its ``test_accuracy`` (or ``test_spearman``,
+    ``test_exact_match``) is logged as ``task_score``. ``history`` keeps ``(step, summary)`` of every
+    scan; ``last`` the last per-matrix records.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class IntruderTracker(TrainerCallback):
         tensorboard: str | os.PathLike | None = None,
         unit: dict[str, Any] | None = None,
         options: ScanOptions | None = None,
+        score: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         **scan_settings: Any,
     ):
         if every < 1:
@@ -114,6 +121,8 @@ class IntruderTracker(TrainerCallback):
         self._initial: dict[str, torch.Tensor] | None = None
         self._seen_first = False
         self._tb = _tensorboard(tensorboard) if tensorboard is not None else None
+        self.score = score
+        self._losses: list[float] = []  # training losses since the last scanned step
 
     # -- the cached base ------------------------------------------------------------------------
     def basis(self, key: str, W: torch.Tensor) -> SVD:
@@ -170,6 +179,15 @@ class IntruderTracker(TrainerCallback):
         metrics = {"n_intruders": s["n_intruders"], "matrices_with_intruders": s["matrices_with_intruders"],
                    "effective_rank": s["mean_delta_effective_rank"],
                    "scan_seconds": round(time.perf_counter() - start, 4)}
+        if self._losses:
+            metrics["train_loss"] = sum(self._losses) / len(self._losses)
+            self._losses = []
+        if self.score is not None:
+            scores = self.score(model)
+            metrics.update(scores)
+            name = next((k for k in ("test_accuracy", "test_spearman", "test_exact_match") if k in scores), None)
+            if name is not None:
+                metrics["task_score"] = scores[name]
         line = {"step": int(step), "unit": self.unit, "metrics": metrics, "scan": summary}
         self.history.append((int(step), summary))
         if self.log is not None:
@@ -184,7 +202,15 @@ class IntruderTracker(TrainerCallback):
                 self._tb.add_scalar(f"intruders/layer_{layer}", n, step)
         return line
 
+    def on_train_loss(self, step: int, loss: float) -> None:
+        """The training loss of one step (lorascope's loop calls this before ``on_step``)."""
+        self._losses.append(float(loss))
+
     # -- transformers.Trainer hooks -------------------------------------------------------------
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and isinstance(logs.get("loss"), (int, float)):
+            self._losses.append(float(logs["loss"]))
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.on_step(model, state.global_step)
 

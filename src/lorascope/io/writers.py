@@ -130,6 +130,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise
 
 
+def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Write several files into ``folder`` together: each is staged as a temporary sibling first, and
+    only when all are on disk are they renamed into place, so a full disk or a kill leaves either the
+    old files or the new ones (renames need no space). A folder made here is removed on failure."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file, not a folder; choose another --out")
+    made = not folder.exists()
+    staged: list[tuple[str, Path]] = []
+    try:
+        with _os_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+                staged.append((tmp, folder / name))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o666 & ~_umask())
+            for tmp, dest in staged:
+                os.replace(tmp, dest)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return [dest for _, dest in staged]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _save_file
 
 from lorascope.errors import InputError
 from lorascope.io.checkpoint import Checkpoint, require_real
@@ -22,6 +23,16 @@ from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixMitigation
 from lorascope.spectral import Tuned
 from lorascope.spectral.edit import Plan, compress_factors, extend_factors, plan_matrix
+
+
+def save_file(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' writer, its I/O failures (a full disk) raised as OSError, so that ``atomic_dir``
+    reports them as an error naming the output instead of a traceback."""
+    try:
+        _save_file(state, path, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(str(e)) from e
+
 
 _BESIDE_A_FILE = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
                   "merges.txt", "added_tokens.json")
@@ -54,8 +65,8 @@ class Run:
             raise InputError(f"tensor '{pair.name}' has shape {(m, n)}: k={self.k} exceeds its rank bound")
         return W0, self.tuned.delta(pair.ref, W0, pair.kind)
 
-    def plan(self, W0: torch.Tensor, Wt: torch.Tensor) -> Plan:
-        return plan_matrix(W0, Wt, self.k, self.epsilon, self.lam, self.which, self.control)
+    def plan(self, W0: torch.Tensor, Wt: torch.Tensor, delta: Any) -> Plan:
+        return plan_matrix(W0, Wt, self.k, self.epsilon, self.lam, self.which, self.control, delta=delta)
 
     def record(self, pair: MatrixPair, plan: Plan, shape: tuple[int, int]) -> MatrixMitigation:
         return MatrixMitigation(
@@ -97,7 +108,7 @@ def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | 
     for pair in run.track(pairs, "mitigating matrices"):
         W0, delta = run.tuned_matrix(pair, run.base.get(pair.name))
         Wt = Tuned(W0, delta).dense()
-        plan = run.plan(W0, Wt)
+        plan = run.plan(W0, Wt, delta)
         rec = run.record(pair, plan, tuple(W0.shape))
         records.append(rec)
         saved = pair.ref.startswith("saved:")
@@ -188,7 +199,7 @@ def write_merged(run: Run, pairs: list[MatrixPair], tmp: Path):
                 W0_stored = t if src is run.base else run.base.get(p.name)
                 W0, delta = run.tuned_matrix(p, W0_stored)
                 Wt = Tuned(W0, delta).dense()
-                plan = run.plan(W0, Wt)
+                plan = run.plan(W0, Wt, delta)
                 rec = run.record(p, plan, tuple(W0.shape))
                 records.append(rec)
                 if plan.directions or src is run.base:

@@ -6,7 +6,12 @@ Each function returns ``Plot`` objects (or nothing when the input has no data fo
 - intruder count against ε (Fig. 4) and against k (Fig. 15), one line per run;
 - intruders per layer and per module type;
 - singular values of ΔW (log scale) and their effective rank (Roy & Vetterli 2007) per run;
-- the λ trade-off (Table 3 as a plot), continual learning, training dynamics, mitigation changes.
+- intruders against forgetting over a sweep with its Spearman ρ (Fig. 7);
+- the λ trade-off (Table 3 as a plot), each adapter's mitigation against λ, continual learning, and
+  training dynamics (intruders, training loss and task score against step).
+
+Every scan's numbers hold at its own k and ε: captions name them once when all scans share them,
+and legends name each scan's otherwise. Legends sit outside the axes, never over the data.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,14 +28,22 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from lorascope.errors import InputError
-from lorascope.report.loader import Mitigation, Record, Run
+from lorascope.report.labels import sci, unit_name
+from lorascope.report.loader import Record, ReportData, Run
 from lorascope.report.tables import (
+    SWEPT,
+    MitigationGroup,
+    arm_key,
     continual_groups,
     group_records,
     lam_groups,
     lam_rows,
     number,
+    same,
+    spearman_of,
+    sweep_records,
     task_names,
+    where,
 )
 from lorascope.schema import parse_name
 
@@ -63,9 +77,25 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _legend(ax, n: int) -> None:
-    if n > 1:
-        ax.legend(fontsize="small" if n <= 8 else "x-small", ncols=1 if n <= 8 else 2)
+def _legend(ax, n: int, fig: Figure | None = None) -> None:
+    """A legend outside the axes, at the figure's right, the figure widened to hold it (the axes keep
+    their size); ``fig``: one legend for every panel of the figure, from ``ax``'s lines."""
+    if n <= 1:
+        return
+    handles, labels = ax.get_legend_handles_labels()
+    fig = fig or ax.figure
+    ncols = 1 if n <= 12 else 2
+    size = "small" if n <= 8 else "x-small"
+    width = 0.065 if size == "small" else 0.055  # inches per character, roughly
+    longest = max((len(t) for t in labels), default=0)
+    fig.set_figwidth(fig.get_figwidth() + min(7.0, ncols * (width * longest + 0.5)))
+    fig.legend(handles, labels, loc="outside right upper", fontsize=size, ncols=ncols)
+
+
+def _at(runs: list[Run]) -> tuple[str | None, list[str]]:
+    """(the ε and k all ``runs`` share, or None; each run's legend label, with its ε and k if not shared)."""
+    shared = same([where(r) for r in runs])
+    return shared, [r.label if shared else f"{r.label} ({where(r)})" for r in runs]
 
 
 def _short(name: str) -> str:
@@ -126,15 +156,20 @@ def epsilon_curves(runs: list[Run]) -> Plot | None:
         return None
     fig = _figure(6.4, 4.0)
     ax = fig.subplots()
-    for r in runs:
+    shared, labels = _at(runs)
+    for r, label in zip(runs, labels, strict=True):
         c = r.stats["epsilon_curve"]
-        ax.plot(c["epsilon"], c["n_intruders"], marker="o", ms=3, label=r.label)
-    ax.axvline(runs[0].summary["epsilon"], color="grey", ls=":", lw=1)
+        ax.plot(c["epsilon"], c["n_intruders"], marker="o", ms=3, label=label)
+    scanned = sorted({r.summary["epsilon"] for r in runs})
+    for eps in scanned:
+        ax.axvline(eps, color="grey", ls=":", lw=1)
     ax.set_xlabel("ε (threshold on max |cos|)")
     ax.set_ylabel("intruder dimensions (all matrices)")
     _legend(ax, len(runs))
-    caption = (f"Intruder dimensions against ε at k = {runs[0].summary.get('k')} (paper Fig. 4); "
-               "dotted: the scan's ε.")
+    ks = sorted({r.summary.get("k") for r in runs}, key=str)
+    at = f"k = {ks[0]}" if len(ks) == 1 else "each scan's own k (in the legend)"
+    dotted = f"the scan's ε = {scanned[0]}" if len(scanned) == 1 else "the scans' ε = " + ", ".join(map(str, scanned))
+    caption = f"Intruder dimensions against ε at {at} (paper Fig. 4); dotted: {dotted}."
     return Plot("intruders_vs_epsilon", "Intruders against ε", caption, fig)
 
 
@@ -145,13 +180,16 @@ def k_curves(runs: list[Run]) -> Plot | None:
         return None
     fig = _figure(6.4, 4.0)
     ax = fig.subplots()
-    for r in runs:
+    shared, labels = _at(runs)
+    for r, label in zip(runs, labels, strict=True):
         c = r.stats["k_curve"]
-        ax.plot(c["k"], c["n_intruders"], marker="o", ms=3, label=r.label)
-    ax.set_xlabel("k (top singular vectors tested)")
+        ax.plot(c["k"], c["n_intruders"], marker="o", ms=3, label=label)
+    ax.set_xlabel("k (top singular vectors tested, up to the scan's k)")
     ax.set_ylabel("intruder dimensions (all matrices)")
     _legend(ax, len(runs))
-    caption = f"Intruder dimensions against k at ε = {runs[0].summary.get('epsilon')} (paper Fig. 15)."
+    eps = sorted({r.summary.get("epsilon") for r in runs}, key=str)
+    at = f"ε = {eps[0]}" if len(eps) == 1 else "each scan's own ε (in the legend)"
+    caption = f"Intruder dimensions against k at {at} (paper Fig. 15)."
     return Plot("intruders_vs_k", "Intruders against k", caption, fig)
 
 
@@ -163,6 +201,7 @@ def _counts(runs: list[Run], key: str, order: list[str], horizontal: bool) -> Fi
     """Counts per category: grouped bars for up to 3 runs (horizontal: categories on the y axis), else a
     runs × categories heatmap."""
     table = np.array([[r.stats[key].get(c, 0) for c in order] for r in runs], dtype=float)
+    _, labels = _at(runs)
     if len(runs) > 3:
         fig = _figure(min(13.0, max(6.4, 0.35 * len(order) + 3.0)), 0.32 * len(runs) + 1.8)
         ax = fig.subplots()
@@ -171,7 +210,7 @@ def _counts(runs: list[Run], key: str, order: list[str], horizontal: bool) -> Fi
             for (i, j), v in np.ndenumerate(table):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize="x-small",
                         color="white" if v > 0.6 * table.max() else "black")
-        ax.set_yticks(range(len(runs)), [r.label for r in runs], fontsize="small")
+        ax.set_yticks(range(len(runs)), labels, fontsize="small")
         rotate = 40 if horizontal else 0  # long module names slant; layer numbers stay upright
         ax.set_xticks(range(len(order)), order, fontsize="small", rotation=rotate,
                       ha="right" if rotate else "center")
@@ -183,8 +222,8 @@ def _counts(runs: list[Run], key: str, order: list[str], horizontal: bool) -> Fi
     else:
         fig = _figure(min(13.0, max(6.4, 0.22 * len(order) * len(runs) + 1.5)), 3.8)
     ax = fig.subplots()
-    for i, r in enumerate(runs):
-        (ax.barh if horizontal else ax.bar)(pos - 0.4 + width * (i + 0.5), table[i], width, label=r.label)
+    for i, label in enumerate(labels):
+        (ax.barh if horizontal else ax.bar)(pos - 0.4 + width * (i + 0.5), table[i], width, label=label)
     if horizontal:
         ax.set_yticks(pos, order, fontsize="small")
         ax.invert_yaxis()
@@ -204,7 +243,12 @@ def per_layer(runs: list[Run]) -> Plot | None:
     fig = _counts(runs, "per_layer", layers, horizontal=False)
     fig.axes[0].set_xlabel("layer (transformer block)")
     return Plot("intruders_per_layer", "Intruders per layer", "Intruder dimensions in each transformer block "
-                "('none': matrices outside the blocks).", fig)
+                f"('none': matrices outside the blocks), {_at_caption(runs)}.", fig)
+
+
+def _at_caption(runs: list[Run]) -> str:
+    shared = same([where(r) for r in runs])
+    return f"at {shared}" if shared else "each scan at its own ε and k"
 
 
 def per_module_type(runs: list[Run]) -> Plot | None:
@@ -214,7 +258,7 @@ def per_module_type(runs: list[Run]) -> Plot | None:
     types = sorted({k for r in runs for k in r.stats["per_module_type"]})
     fig = _counts(runs, "per_module_type", types, horizontal=True)
     return Plot("intruders_per_module", "Intruders per module type",
-                "Intruder dimensions summed over layers for each module type.", fig)
+                f"Intruder dimensions summed over layers for each module type, {_at_caption(runs)}.", fig)
 
 
 def delta_spectra(runs: list[Run]) -> Plot | None:
@@ -258,28 +302,28 @@ def delta_spectra(runs: list[Run]) -> Plot | None:
 # ------------------------------------------------------------------------------ experiment figures
 
 
+CONTROL_STYLE = {"intruder": "-", "neighbour": "--"}
+
+
 def lam_tradeoff(records: list[Record]) -> Plot | None:
     """Task accuracy against forgetting for each λ, intruders scaled (solid) and the neighbour control
-    (dashed); each point is labelled with its λ."""
-    groups = lam_groups(records)
+    (dashed, its own colour); each point is labelled with its λ."""
     series = []
-    for g in groups:
+    for g in lam_groups(records):
         rows, _ = lam_rows(g)
-        for control, ls in (("intruder", "-"), ("neighbour", "--")):
+        for control in CONTROL_STYLE:
             pts = [(r[f"{control}_forg"], r[f"{control}_acc"], r["lam"]) for r in rows
                    if r.get(f"{control}_forg") is not None and r.get(f"{control}_acc") is not None]
             if pts:
-                series.append((g.label, control, ls, pts))
+                name = "intruders scaled" if control == "intruder" else "neighbour control"
+                series.append((name if g.label == "all" else f"{g.label}: {name}", control, pts))
     if not series:
         return None
     fig = _figure(6.4, 4.4)
     ax = fig.subplots()
-    colors: dict[str, str] = {}
-    for label, control, ls, pts in series:
+    for i, (name, control, pts) in enumerate(series):  # one colour per line: the controls never share one
         x, y, _ = zip(*pts, strict=True)
-        name = control if label == "all" else f"{label}, {control}"
-        (line,) = ax.plot(x, y, ls=ls, marker="o", ms=4, label=name, color=colors.get(label))
-        colors[label] = line.get_color()
+        ax.plot(x, y, ls=CONTROL_STYLE[control], marker="o", ms=4, label=name, color=f"C{i % 10}")
         for xi, yi, li in pts:
             ax.annotate(f"λ={li:g}", (xi, yi), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("forgetting (metrics.forgetting)")
@@ -289,6 +333,42 @@ def lam_tradeoff(records: list[Record]) -> Plot | None:
                "the paper's control, their best-matching base vectors (dashed).")
     return Plot("lambda_tradeoff", "λ trade-off", caption, fig)
 
+
+def sweep_scatter(data: ReportData) -> Plot | None:
+    """Paper Fig. 7: intruder count against forgetting, one point per fine-tune of a sweep, one colour
+    per arm, each point labelled with what the sweep varied; ρ as stored in summary.json."""
+    records = sweep_records(data.records)
+    if len(records) < 2:
+        return None
+    rho = spearman_of(data)
+    arms: dict[str, list[Record]] = {}
+    for r in records:
+        arms.setdefault(arm_key(r.store, r.unit), []).append(r)
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    for i, (key, recs) in enumerate(arms.items()):
+        arm = {k: v for k, v in recs[0].unit.items() if k not in SWEPT}
+        row = rho.get(key)
+        value = number(row.get("spearman_intruders_forgetting")) if row else None
+        label = unit_name(arm) or "all"
+        label += f" (ρ = {value:.2f})" if value is not None else " (ρ undefined)" if row else ""
+        x = [r.n_intruders for r in recs]
+        y = [r.metrics["forgetting"] for r in recs]
+        ax.scatter(x, y, s=28, color=f"C{i % 10}", label=label, zorder=3)
+        varied = [k for k in SWEPT if len({str(r.unit.get(k)) for r in recs}) > 1]
+        for r, xi, yi in zip(recs, x, y, strict=True):
+            swept = [f"η={sci(r.unit['lr'])}" if k == "lr" else f"n={r.unit[k]}" if k == "n_examples"
+                     else f"seed {r.unit[k]}" for k in varied if isinstance(r.unit.get(k), (int, float))]
+            ax.annotate(", ".join(swept), (xi, yi), fontsize="x-small", xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("intruder dimensions (all matrices)")
+    ax.set_ylabel("forgetting (metrics.forgetting)")
+    _legend(ax, len(arms) + (1 if len(arms) == 1 else 0))
+    rows = [r for r in rho.values() if number(r.get("spearman_intruders_forgetting")) is not None]
+    stated = ("; ".join(f"ρ = {r['spearman_intruders_forgetting']:.2f} over {r.get('n')} fine-tunes" for r in rows)
+              if rows else "no Spearman ρ stored (summary.json of a sweeps store)")
+    caption = (f"Intruder dimensions against forgetting, one point per fine-tune (paper Fig. 7); {stated}. "
+               "Spearman ρ as stored in the store's summary.json; the paper reports ρ = 0.971.")
+    return Plot("intruders_vs_forgetting", "Intruders against forgetting", caption, fig)
 
 def continual(records: list[Record]) -> Plot | None:
     """Accuracy on every task after each stage, forgetting, and intruders accumulated."""
@@ -343,50 +423,107 @@ def continual(records: list[Record]) -> Plot | None:
     return Plot("continual", "Continual learning", caption, fig)
 
 
+TRAIN_LOSS = ("train_loss", "loss")  # tracking.jsonl's training loss (older lines call it "loss")
+TASK_SCORE = ("task_score", "accuracy")
+
+
 def dynamics(tracking: list[Record]) -> Plot | None:
-    """Training dynamics from the tracking callback: intruders (and other tracked numbers) against step."""
+    """Training dynamics from the tracking callback: intruders, the training loss (mean over the steps
+    since the previous point) and the task score on the test split, against the optimiser step."""
     if not tracking:
         return None
     groups = group_records(tracking, ())
-    keys = ["intruders"] + sorted({k for r in tracking for k, v in r.metrics.items()
-                                   if k != "n_intruders" and number(v) is not None})[:3]
-    fig = _figure(4.4 * len(keys) + 0.6, 3.8)
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for g in groups:
+
+    def getter(keys: tuple[str, ...]):
+        return lambda r: next((number(r.metrics[k]) for k in keys if number(r.metrics.get(k)) is not None), None)
+
+    panels = [("intruder dimensions", lambda r: r.n_intruders)]
+    panels += [(name, getter(keys)) for name, keys in (("training loss", TRAIN_LOSS), ("task score", TASK_SCORE))
+               if any(getter(keys)(r) is not None for r in tracking)]
+    fig = _figure(4.4 * len(panels) + 0.6, 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for i, g in enumerate(groups):
         recs = sorted(g.records, key=lambda r: r.step)
-        for ax, key in zip(axes, keys, strict=True):
-            if key == "intruders":
-                get = lambda r: r.n_intruders  # noqa: E731
-            else:
-                get = lambda r, k=key: number(r.metrics.get(k))  # noqa: E731
+        for ax, (_, get) in zip(axes, panels, strict=True):
             pts = [(r.step, get(r)) for r in recs if get(r) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=g.label)
-    for ax, key in zip(axes, keys, strict=True):
-        ax.set_xlabel("step")
-        ax.set_ylabel("intruder dimensions" if key == "intruders" else key)
-        _legend(ax, len(groups))
-    return Plot("dynamics", "Training dynamics", "Values the tracking callback recorded during training, "
-                "against the optimiser step.", fig)
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=f"C{i % 10}", label=g.label)
+    for ax, (name, _) in zip(axes, panels, strict=True):
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(name)
+    _legend(axes[0], len(groups), fig)
+    shown = ", ".join(name for name, _ in panels)
+    caption = (f"During training, at every step the tracking callback scanned: {shown}. The training loss is "
+               "the mean over the steps since the previous point; the task score is measured on the task's "
+               "test split.")
+    return Plot("dynamics", "Training dynamics", caption, fig)
 
 
-def mitigation_changes(m: Mitigation, n: int, limit: int = 40) -> Plot | None:
-    """σ of every rescaled direction before and after (the largest ``limit``)."""
-    changes = sorted(m.changes, key=lambda c: -float(c["sigma_before"]))[:limit]
-    if not changes:
+def mitigation_lambda(g: MitigationGroup, n: int) -> Plot | None:
+    """One adapter's mitigation sweep against λ: task accuracy, forgetting and the intruders left (as
+    its units measured them), intruders scaled (solid) and the neighbour control (dashed)."""
+    measured = [m for m in g.items if m.record is not None and m.lam is not None]
+    panels = [(name, get) for name, get in (
+        ("task accuracy", lambda m: number(m.record.metrics.get("accuracy"))),
+        ("forgetting", lambda m: number(m.record.metrics.get("forgetting"))),
+        ("intruders left", lambda m: m.record.n_intruders))
+        if any(get(m) is not None for m in measured)]
+    if not panels:
         return None
-    fig = _figure(7.0, 0.22 * len(changes) + 1.4)
-    ax = fig.subplots()
-    pos = np.arange(len(changes))
-    ax.barh(pos - 0.2, [c["sigma_before"] for c in changes], 0.4, color="0.6", label="σ before")
-    ax.barh(pos + 0.2, [c["sigma_after"] for c in changes], 0.4, color="C3", label="σ after")
+    fig = _figure(4.0 * len(panels) + 0.6, 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for i, control in enumerate(CONTROL_STYLE):
+        mine = sorted((m for m in measured if m.control == control), key=lambda m: m.lam)
+        for ax, (_, get) in zip(axes, panels, strict=True):
+            pts = [(m.lam, get(m)) for m in mine if get(m) is not None]
+            if pts:
+                label = "intruders scaled" if control == "intruder" else "neighbour control"
+                ax.plot(*zip(*pts, strict=True), ls=CONTROL_STYLE[control], marker="o", ms=4, color=f"C{i}",
+                        label=label)
+    for ax, (name, _) in zip(axes, panels, strict=True):
+        ax.set_xlabel("λ (1: the fine-tune as it was)")
+        ax.set_ylabel(name)
+        ax.axvline(1.0, color="grey", ls=":", lw=1)
+    _legend(axes[0], len(axes[0].get_lines()) - 1, fig)
+    caption = (f"{g.label}: W_t' = W_t + (λ−1) Σ σ_i u_i v_iᵀ over the intruder directions (solid) or their "
+               "best-matching base directions (dashed, the paper's control), against λ.")
+    return Plot(f"mitigation_lambda_{n}", f"Mitigation against λ: {g.label}", caption, fig)
+
+
+def mitigation_changes(g: MitigationGroup, n: int, limit: int = 15) -> Plot | None:
+    """σ of each rescaled direction before, and after at every λ ≠ 1 (the ``limit`` largest per control)."""
+    changed = g.changed
+    controls = [c for c in CONTROL_STYLE if any(m.control == c for m in changed)]
+    if not controls:
+        return None
     index = {"intruder": "intruder_index", "neighbour": "base_index"}
-    ax.set_yticks(pos, [f"{_short(c['matrix'])} {c['target'][0]}{c[index.get(c['target'], 'intruder_index')]}"
-                        for c in changes], fontsize="x-small")
-    ax.invert_yaxis()
-    ax.set_xlabel("singular value")
-    ax.legend(fontsize="small")
-    caption = (f"{m.label}: singular value of each rescaled direction before and after "
-               f"(W_t' = W_t + (λ−1) σ_i u_i v_iᵀ), largest {len(changes)} of {len(m.changes)}; "
-               "label: matrix, i(ntruder) j or n(eighbour) i*, 0-based.")
-    return Plot(f"mitigation_{n}", f"Mitigation: {m.label}", caption, fig)
+    panels = []
+    for control in controls:
+        mine = sorted((m for m in changed if m.control == control), key=lambda m: m.lam)
+        dirs: dict[tuple[str, int], dict[str, Any]] = {}
+        for m in mine:
+            for c in m.changes:
+                d = dirs.setdefault((c["matrix"], c[index[c["target"]]]),
+                                    {"label": f"{_short(c['matrix'])} {c['target'][0]}{c[index[c['target']]]}",
+                                     "before": c["sigma_before"], "after": {}})
+                d["after"][m.lam] = c["sigma_after"]
+        top = sorted(dirs.values(), key=lambda d: -float(d["before"]))[:limit]
+        panels.append((control, [m.lam for m in mine], top, len(dirs)))
+    rows = max(len(top) for _, _, top, _ in panels)
+    fig = _figure(5.6 * len(panels) + 0.6, 0.24 * rows * (1 + 0.25 * len(panels[0][1])) + 1.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (control, lams, top, total) in zip(axes, panels, strict=True):
+        pos, width = np.arange(len(top)), 0.8 / (len(lams) + 1)
+        ax.barh(pos - 0.4 + width / 2, [d["before"] for d in top], width, color="0.6", label="σ before")
+        for i, lam in enumerate(lams):
+            ax.barh(pos - 0.4 + width * (i + 1.5), [d["after"].get(lam, np.nan) for d in top], width,
+                    color=f"C{(i + 3) % 10}", label=f"σ at λ = {lam:g}")
+        ax.set_yticks(pos, [d["label"] for d in top], fontsize="x-small")
+        ax.invert_yaxis()
+        ax.set_xlabel("singular value")
+        name = "intruders scaled" if control == "intruder" else "neighbour control"
+        ax.set_title(f"{name}: largest {len(top)} of {total}", fontsize="small")
+    _legend(axes[-1], len(axes[-1].get_legend_handles_labels()[0]), fig)
+    caption = (f"{g.label}: singular value of each rescaled direction before and at each λ ≠ 1 "
+               "(λ = 1 leaves them as they were); label: matrix, i(ntruder) j or n(eighbour) i*, 0-based.")
+    return Plot(f"mitigation_{n}", f"Rescaled directions: {g.label}", caption, fig)

@@ -93,10 +93,15 @@ def _sections(
         section("similarity", "Similarity maps (paper Figs. 1–3)", sims, [], map_note),
         section("spectra", "ΔW spectra and effective rank", [figures.delta_spectra(runs)], []),
     ]
-    for i, m in enumerate(data.mitigations):
-        settings = ", ".join(f"{k} = {v}" for k, v in m.settings.items())
-        out.append(section(f"mitigation-{i}", f"Mitigation: {m.label}", [figures.mitigation_changes(m, i)],
-                           [tables.mitigation_table(m, i)], settings))
+    for i, g in enumerate(tables.mitigation_groups(data.mitigations)):  # one section per adapter, λ as an axis
+        keys = [k for k in g.items[0].settings if k not in tables.LAM_AXIS]
+        shared = {k: tables.same([m.settings.get(k) for m in g.items]) for k in keys}
+        settings = ", ".join(f"{k} = {v}" for k, v in shared.items() if v is not None)
+        out.append(section(f"mitigation-{i}", f"Mitigation: {g.label}",
+                           [figures.mitigation_lambda(g, i), figures.mitigation_changes(g, i)],
+                           [tables.mitigation_sweep_table(g, i), tables.mitigation_table(g, i)], settings))
+    out.append(section("sweeps", "Intruders and forgetting (paper Fig. 7)", [figures.sweep_scatter(data)],
+                       [tables.spearman_table(data)] if data.spearman else []))
     lam = tables.lam_groups(data.records)
     out.append(section("lambda", "λ trade-off (paper Table 3)", [figures.lam_tradeoff(data.records)],
                        [tables.lam_table(g, i) for i, g in enumerate(lam)]))
@@ -120,6 +125,7 @@ def _cell(v: Any) -> tuple[str, str]:
     if isinstance(v, int):
         return str(v), str(v)
     if isinstance(v, float):
+        v += 0.0  # −0.0 shows as 0
         return (f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"), repr(v)
     text = v if isinstance(v, str) else json.dumps(v, default=str)
     return text, text

@@ -6,8 +6,12 @@ Accepted inputs (the contract is written out in docs/report.md):
 - a ``mitigation.json`` (result_kind "mitigation": one record per changed direction),
 - a ``records.jsonl`` experiment store (one JSON object per finished unit),
 - a folder holding any of these: every ``scan.json`` and ``mitigation.json`` below it (hidden folders
-  skipped; each labelled by its folder, relative to the given one), ``records.jsonl`` at its top and
-  ``tracking.jsonl`` files (training-dynamics records) anywhere below it.
+  skipped; each labelled by its folder, relative to the given one), every ``records.jsonl`` below it
+  (one per experiment store, with the store's ``summary.json`` beside it) and ``tracking.jsonl`` files
+  (training-dynamics records) anywhere below it.
+
+Runs made by experiment units are named as people say them (``labels.unit_name``): "LoRA r=1 (α=2,
+η=1e-2)", plus the unit settings that differ between runs.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.report.labels import unit_name, varying_keys
 from lorascope.schema import ScanResult
 
 RECORDS_FILE = "records.jsonl"
 TRACKING_FILE = "tracking.jsonl"
+SUMMARY_FILE = "summary.json"  # an experiment store's derived tables (sweeps: Spearman ρ)
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Run:
     result: ScanResult | None = None  # None when the record stored only a summary
     unit: dict[str, Any] | None = None  # the experiment unit that produced it, if any
     source: str = ""
+    store: str = ""  # the experiment store of that unit, relative to the report root
 
     @property
     def side(self) -> str:
@@ -60,6 +67,19 @@ class Mitigation:
     versions: dict[str, str] = field(default_factory=dict)
     created: str | None = None
     source: str = ""
+    unit: dict[str, Any] | None = None  # the experiment unit that wrote it, if any
+    record: Record | None = None  # that unit's record (accuracy, forgetting, intruders left)
+
+    @property
+    def lam(self) -> float | None:
+        lam = self.settings.get("lam")
+        return float(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None
+
+    @property
+    def control(self) -> str:
+        """'neighbour' for the paper's control (Eq. 2), else 'intruder' (Eq. 1)."""
+        c = str(self.settings.get("control") or "").lower()
+        return "neighbour" if c in ("neighbour", "neighbor") else "intruder"
 
 
 @dataclass
@@ -71,6 +91,9 @@ class Record:
     run: Run | None = None  # its scan, when it names one
     step: int | None = None  # set for training-dynamics records
     source: str = ""  # file:line
+    study: str | None = None  # the experiment kind that wrote it (sweeps, intervention, ...), when stored
+    store: str = ""  # the experiment store's folder, relative to the report root
+    mitigation_file: Path | None = None  # the mitigation.json this unit wrote, if any
 
     @property
     def n_intruders(self) -> float | None:
@@ -89,6 +112,7 @@ class ReportData:
     mitigations: list[Mitigation] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)  # units (no step)
     tracking: list[Record] = field(default_factory=list)  # training-dynamics points (with step)
+    spearman: list[dict[str, Any]] = field(default_factory=list)  # summary.json rows of sweep stores, + "store"
 
     def provenance(self) -> list[dict[str, Any]]:
         """Command, creation time and library versions of every stored result."""
@@ -119,12 +143,18 @@ def load(path: str | os.PathLike) -> ReportData:
         data = ReportData(root=p)
         for f in _find(p, "scan.json") + _find(p, "mitigation.json"):
             _load_file(data, f, label=_label(f.parent, p))
-        if (p / RECORDS_FILE).is_file():
-            _load_records(data, p / RECORDS_FILE)
+        for f in _find(p, RECORDS_FILE):
+            store = _label(f.parent, p) if f.parent.resolve() != p.resolve() else ""
+            _load_records(data, f, store=store)
+            _load_summary(data, f.parent / SUMMARY_FILE, store)
         for f in _find(p, TRACKING_FILE):
             _load_records(data, f, tracking_label=_label(f.parent, p))
     if not (data.runs or data.mitigations or data.records or data.tracking):
+        if p.is_dir() and (p / RECORDS_FILE).is_file():
+            raise InputError(f"{p / RECORDS_FILE}: holds no finished units yet (and the folder has no scan.json "
+                             "or mitigation.json); run or resume the experiment first")
         raise InputError(f"{p}: found no scan.json, mitigation.json, {RECORDS_FILE} or {TRACKING_FILE}")
+    _link_mitigations(data)
     _label_runs(data.runs)
     return data
 
@@ -190,7 +220,7 @@ def _mitigation(path: Path, label: str) -> Mitigation:
                       command=res.command, versions=res.versions, created=res.created, source=str(path))
 
 
-def _load_records(data: ReportData, path: Path, tracking_label: str | None = None) -> None:
+def _load_records(data: ReportData, path: Path, tracking_label: str | None = None, store: str = "") -> None:
     """Records of an experiment store; lines of a tracking.jsonl may leave out 'unit' (named by folder)."""
     scans: dict[Path, Run] = {Path(r.source).resolve(): r for r in data.runs if r.result is not None}
     try:
@@ -214,14 +244,36 @@ def _load_records(data: ReportData, path: Path, tracking_label: str | None = Non
         step = d.get("step")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
             raise InputError(f"{where}: 'step' must be an integer, got {step!r}")
-        rec = Record(unit=unit, metrics=metrics, step=step, source=where)
+        rec = Record(unit=unit, metrics=metrics, step=step, source=where, study=d.get("study"), store=store)
+        mitigation = (d.get("paths") or {}).get("mitigation") if isinstance(d.get("paths"), dict) else None
+        if isinstance(mitigation, str):
+            rec.mitigation_file = (path.parent / mitigation).resolve()
         if "scan" in d and d["scan"] is not None:
             rec.run = _record_scan(d["scan"], path.parent, where, scans)
             if step is None:  # a unit's scan is one of the report's runs, named after the unit
-                rec.run.unit = unit
+                rec.run.unit, rec.run.store = unit, store
                 if not any(rec.run is r for r in data.runs):
                     data.runs.append(rec.run)
         (data.records if step is None else data.tracking).append(rec)
+
+
+def _load_summary(data: ReportData, path: Path, store: str) -> None:
+    """The Spearman rows of a sweep store's summary.json (written by the experiment runner), if any."""
+    if not path.is_file():
+        return
+    rows = _read_json(path).get("spearman", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InputError(f"{path}: 'spearman' must be a list of objects")
+    data.spearman.extend({**r, "store": store} for r in rows)
+
+
+def _link_mitigations(data: ReportData) -> None:
+    """Attach to each mitigation.json the record of the unit that wrote it (named in its 'paths')."""
+    by_file = {r.mitigation_file: r for r in data.records if r.mitigation_file is not None}
+    for m in data.mitigations:
+        rec = by_file.get(Path(m.source).resolve())
+        if rec is not None:
+            m.record, m.unit = rec, rec.unit
 
 
 def _record_scan(scan: Any, root: Path, where: str, scans: dict[Path, Run]) -> Run:
@@ -242,21 +294,20 @@ def _record_scan(scan: Any, root: Path, where: str, scans: dict[Path, Run]) -> R
 
 
 def _label_runs(runs: list[Run]) -> None:
-    """Runs made by experiment units are named by the unit settings that differ between them."""
-    units = [r.unit for r in runs if r.unit]
-    keys = sorted({k for u in units for k in u})
-    varying = [k for k in keys if len({json.dumps(u.get(k), sort_keys=True) for u in units}) > 1]
+    """Runs made by experiment units are named by their method and the unit settings that differ
+    between them (``labels.unit_name``); equal names get their store or folder added."""
+    varying = varying_keys([r.unit for r in runs if r.unit])
     for r in runs:
         if r.unit:
-            name = " ".join(f"{k}={r.unit[k]}" for k in varying if r.unit.get(k) is not None)
-            r.label = name or r.label or unit_label(r.unit)
-    runs.sort(key=lambda r: natural_key(r.label))  # rank=4 before rank=16
+            r.label = unit_name(r.unit, varying) or r.label or unit_label(r.unit)
+    runs.sort(key=lambda r: natural_key(r.label))  # r=4 before r=16
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.label] = seen.get(r.label, 0) + 1
     for r in runs:
         if seen[r.label] > 1:
-            r.label = f"{r.label} ({Path(r.source).parent.name if r.result else r.source.rsplit(':', 1)[-1]})"
+            folder = Path(r.source).parent.name if r.result else r.source.rsplit(":", 1)[-1]
+            r.label = f"{r.label} ({r.store or folder})"
 
 
 def natural_key(text: str) -> list[tuple[int, float | str]]:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorascope.report.labels import unit_name, varying_keys
 from lorascope.report.loader import Mitigation, Record, ReportData, Run
 
 MAX_MATRIX_ROWS = 3000  # the per-matrix table keeps the matrices with the most intruders
@@ -47,7 +48,7 @@ def pct_change(value: Any, ref: Any) -> float | None:
     v, r = number(value), number(ref)
     if v is None or r is None or r == 0:
         return None
-    return 100.0 * (v - r) / abs(r)
+    return 100.0 * (v - r) / abs(r) + 0.0  # + 0.0: no −0.0 when v = r
 
 
 def group_records(records: list[Record], drop: tuple[str, ...]) -> list[Group]:
@@ -59,12 +60,16 @@ def group_records(records: list[Record], drop: tuple[str, ...]) -> list[Group]:
         key = json.dumps(rest, sort_keys=True, default=str)
         groups.setdefault(key, Group(label="")).records.append(r)
         rests[key] = rest
-    units = list(rests.values())
-    keys = sorted({k for u in units for k in u})
-    varying = [k for k in keys if len({json.dumps(u.get(k), default=str) for u in units}) > 1]
+    varying = varying_keys(list(rests.values()))
     for key, g in groups.items():
-        g.label = " ".join(f"{k}={rests[key][k]}" for k in varying if rests[key].get(k) is not None) or "all"
+        g.label = unit_name(rests[key], varying) if varying else "all"
     return list(groups.values())
+
+
+def same(values: list[Any]) -> Any:
+    """The one value all of ``values`` share, else None."""
+    distinct = {json.dumps(v, default=str) for v in values}
+    return values[0] if len(distinct) == 1 else None
 
 
 # ------------------------------------------------------------------------------------- scan tables
@@ -100,12 +105,81 @@ def matrix_table(runs: list[Run]) -> Table:
                                           "stable rank ΔW", "‖ΔW‖/‖W0‖", "exact"], rows, note)
 
 
-def mitigation_table(m: Mitigation, n: int) -> Table:
-    rows = [[c["matrix"], c["target"], c["intruder_index"], c["base_index"], c["max_cos"], c["sigma_before"],
-             c["sigma_after"], c["rel_error"]] for c in m.changes]
-    return Table(f"mitigation-{n}", f"Rescaled directions: {m.label}",
-                 ["matrix", "target", "intruder j", "base match i*", "intruder max|cos|", "σ before",
-                  "σ after", "rel. error of written W"], rows,
+LAM_AXIS = ("lam", "control")  # what a mitigation sweep varies for one adapter
+
+
+@dataclass
+class MitigationGroup:
+    """Every mitigation.json of one adapter (one fine-tune, one ``which``): the λ × control sweep."""
+
+    label: str
+    items: list[Mitigation] = field(default_factory=list)  # sorted by (control, λ)
+
+    @property
+    def changed(self) -> list[Mitigation]:
+        """The mitigations that changed the weights: λ = 1 leaves W_t as it was."""
+        return [m for m in self.items if m.lam != 1.0]
+
+
+def mitigation_groups(mitigations: list[Mitigation]) -> list[MitigationGroup]:
+    """One group per adapter: the unit that wrote it without λ and control, or, for a mitigation.json
+    of its own, the tuned model it edited and its settings other than λ and control."""
+    keys: dict[str, dict[str, Any]] = {}
+    groups: dict[str, MitigationGroup] = {}
+    for m in mitigations:
+        if m.unit is not None:
+            rest = {k: v for k, v in m.unit.items() if k not in LAM_AXIS}
+        else:
+            rest = {k: v for k, v in m.settings.items() if k not in LAM_AXIS}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        keys[key] = rest
+        groups.setdefault(key, MitigationGroup("")).items.append(m)
+    varying = varying_keys([k for k in keys.values() if "method" in k])
+    for key, g in groups.items():
+        g.items.sort(key=lambda m: (m.control, m.lam if m.lam is not None else math.inf))
+        rest = keys[key]
+        if g.items[0].unit is not None:
+            g.label = unit_name(rest, varying) or g.items[0].label
+        else:
+            g.label = str(rest.get("tuned") or g.items[0].label)
+    return list(groups.values())
+
+
+def mitigation_sweep_table(g: MitigationGroup, n: int) -> Table:
+    """One row per λ and control: what was scaled, how exactly, and what it did (when a unit measured it)."""
+    rows = []
+    for m in g.items:
+        s, rec = m.summary, m.record
+        rescaled = 0 if m.lam == 1.0 else s["n_directions"]  # λ = 1 multiplies by one: nothing changes
+        rows.append([m.lam, m.control, m.settings.get("which"), s["n_directions"], rescaled,
+                     0 if m.lam == 1.0 else s["n_changed"], s["n_matrices"], s["max_rel_error"],
+                     number(rec.metrics.get("accuracy")) if rec else None,
+                     number(rec.metrics.get("forgetting")) if rec else None,
+                     rec.n_intruders if rec else None])
+    columns = ["λ", "control", "which", "directions selected", "directions rescaled", "matrices changed",
+               "matrices", "max rel. error of written W", "accuracy", "forgetting", "intruders left"]
+    keep = [i for i, _ in enumerate(columns) if any(r[i] is not None for r in rows)]
+    return Table(f"mitigation-{n}", f"Mitigations: {g.label}", [columns[i] for i in keep],
+                 [[r[i] for i in keep] for r in rows],
+                 "W_t' = W_t + (λ−1) Σ_i σ_i u_i v_iᵀ over the selected directions; λ = 1 leaves W_t unchanged.")
+
+
+def mitigation_table(g: MitigationGroup, n: int) -> Table:
+    """The directions each control selects (the same for every λ of it), with σ before and at each λ."""
+    lams = sorted({m.lam for m in g.changed if m.lam is not None})
+    rows: dict[tuple[str, str, int], list[Any]] = {}
+    for m in g.changed:
+        for c in m.changes:
+            index = c["base_index"] if c["target"] == "neighbour" else c["intruder_index"]
+            row = rows.setdefault((c["matrix"], c["target"], index),
+                                  [c["matrix"], c["target"], c["intruder_index"], c["base_index"], c["max_cos"],
+                                   c["sigma_before"]] + [None] * len(lams) + [None])
+            row[6 + lams.index(m.lam)] = c["sigma_after"]
+            err = number(c["rel_error"])
+            row[-1] = err if row[-1] is None or (err is not None and err > row[-1]) else row[-1]
+    return Table(f"directions-{n}", f"Rescaled directions: {g.label}",
+                 ["matrix", "target", "intruder j", "base match i*", "intruder max|cos|", "σ before"]
+                 + [f"σ at λ = {lam:g}" for lam in lams] + ["rel. error of written W"], list(rows.values()),
                  "Indices are 0-based ranks among the singular vectors.")
 
 
@@ -126,6 +200,42 @@ def control_of(unit: dict[str, Any]) -> str:
     """'neighbour' for the paper's control (the best-matching base vector scaled), else 'intruder'."""
     c = str(unit.get("control") or "").lower()
     return "neighbour" if c in ("neighbour", "neighbor") else "intruder"
+
+
+def sweep_records(records: list[Record]) -> list[Record]:
+    """Fine-tunes of a sweep (paper Fig. 7): records of a sweeps study, else plain units (no λ, no
+    stage); only those with both an intruder count and a forgetting number."""
+    plain = [r for r in records if number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
+    sweeps = [r for r in plain if r.study == "sweeps"] or plain
+    return [r for r in sweeps if r.n_intruders is not None and number(r.metrics.get("forgetting")) is not None]
+
+
+SWEPT = ("lr", "n_examples", "seed")  # what a sweep varies within one arm (experiments/kinds/sweeps.py)
+
+
+def arm_key(store: str, unit: dict[str, Any]) -> str:
+    return json.dumps([store, {k: v for k, v in unit.items() if k not in SWEPT}], sort_keys=True, default=str)
+
+
+def spearman_of(data: ReportData) -> dict[str, dict[str, Any]]:
+    """The stored ρ over every unit of an arm (summary.json, axis "all"), by ``arm_key``."""
+    return {arm_key(r.get("store", ""), r.get("arm") or {}): r for r in data.spearman if r.get("axis") == "all"}
+
+
+def spearman_table(data: ReportData) -> Table:
+    rows = []
+    for r in data.spearman:
+        arm = r.get("arm") or {}
+        fixed = next(((k, r[k]) for k in ("n_examples", "lr") if k in r), None)
+        along = {"all": "every unit", "lr": "learning rate", "n_examples": "training-set size"}.get(r.get("axis"))
+        rows.append([r.get("store") or None, unit_name(arm) or json.dumps(arm), along or r.get("axis"),
+                     None if fixed is None else f"{fixed[0]} = {'default' if fixed[1] is None else fixed[1]}",
+                     r.get("n"),
+                     number(r.get("spearman_intruders_forgetting"))])
+    return Table("spearman", "Spearman ρ between intruder count and forgetting",
+                 ["store", "arm", "over", "fixed", "n", "ρ"], rows,
+                 "As stored in the store's summary.json; the paper reports ρ = 0.971 (RoBERTa, r = 8, MNLI). "
+                 "ρ is undefined (–) when the intruder counts or the forgetting are constant.")
 
 
 def lam_groups(records: list[Record]) -> list[Group]:
@@ -214,8 +324,46 @@ def _count(run: Run) -> str:
             f"{_fmt(s.get('matrices_with_intruders'))} of {_fmt(s.get('n_matrices'))} matrices")
 
 
+def _risk(run: Run) -> float | None:
+    """The stored data-free risk (schema ≥ 1.1: summary.sides.<side>.risk.scores.risk), else None."""
+    return number((run.stats.get("risk") or {}).get("scores", {}).get("risk"))
+
+
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:+.1f} %"
+    """'+4.0 %', '-12.1 %', and '0.0 %' for anything that rounds to zero (never '-0.0 %')."""
+    if v is None:
+        return "–"
+    text = f"{v:+.1f}"
+    return "0.0 %" if float(text) == 0 else f"{text} %"
+
+
+def where(run: Run) -> str:
+    """The settings a scan's numbers hold at: 'ε = 0.5, k = 10' (each scan its own)."""
+    return f"ε = {run.summary.get('epsilon')}, k = {run.summary.get('k')}"
+
+
+def _lams(values: list[float]) -> str:
+    return "λ = " + ", ".join(f"{v:g}" for v in values)
+
+
+def mitigation_line(g: MitigationGroup) -> str:
+    """One sentence per adapter: the λ values, what each control rescaled, and how exactly."""
+    lams = sorted({m.lam for m in g.items if m.lam is not None})
+    which = same([m.settings.get("which") for m in g.items])
+    head = f"Mitigation ({g.label}, {_lams(lams)}" + (f", which = {which}" if which else "") + ")"
+    parts = []
+    for control in ("intruder", "neighbour"):
+        mine = [m for m in g.changed if m.control == control]
+        if mine:
+            s = max(mine, key=lambda m: m.summary["n_directions"]).summary
+            what = "directions rescaled" if control == "intruder" else "base neighbours rescaled (control)"
+            parts.append(f"{s['n_directions']} {what} in {s['n_changed']} of {s['n_matrices']} matrices")
+    if 1.0 in lams:
+        parts.append("λ = 1 leaves the weights unchanged")
+    errs = [number(m.summary.get("max_rel_error")) for m in g.changed]
+    errs = [e for e in errs if e is not None]
+    text = f"{head}: " + "; ".join(parts)
+    return text + (f"; largest relative error of the written weights {max(errs):.1e}." if errs else ".")
 
 
 def headline(data: ReportData) -> list[str]:
@@ -225,20 +373,33 @@ def headline(data: ReportData) -> list[str]:
     runs = [r for r in data.runs if r.result is not None] or data.runs
     if runs:
         r0, sides = runs[0], {r.side for r in runs}
-        where = f"ε = {r0.summary.get('epsilon')}, k = {r0.summary.get('k')}"
-        where = f"{r0.side} singular vectors, {where}" if len(sides) == 1 else where
-        counts = [_count(r) + ("" if len(sides) == 1 else f" ({r.side})") for r in runs]
+        shared = same([where(r) for r in runs])  # each scan's counts hold at its own ε and k
+        at = shared or "each scan's own ε and k"
+        at = f"{r0.side} singular vectors, {at}" if len(sides) == 1 else at
+        counts = [_count(r) + ("" if len(sides) == 1 else f" ({r.side})") + ("" if shared else f" at {where(r)}")
+                  for r in runs]
         if len(runs) == 1:
-            lines.append(f"{counts[0]} ({where}); mean effective rank of ΔW "
+            lines.append(f"{counts[0]} ({at}); mean effective rank of ΔW "
                          f"{_fmt(r0.stats.get('mean_delta_effective_rank'))}.")
         elif len(runs) <= 4:
             parts = [f"{r.label}: {c}" for r, c in zip(runs, counts, strict=True)]
-            lines.append("; ".join(parts) + f" ({where}).")
+            lines.append("; ".join(parts) + f" ({at}).")
         else:
             ranked = sorted(runs, key=lambda r: number(r.stats.get("n_intruders")) or 0)
-            lines.append(f"Across {len(runs)} scans ({where}), intruder dimensions range from "
-                         f"{_fmt(ranked[0].stats.get('n_intruders'))} ({ranked[0].label}) to "
-                         f"{_fmt(ranked[-1].stats.get('n_intruders'))} ({ranked[-1].label}).")
+            lo, hi = ranked[0], ranked[-1]
+            lo_at, hi_at = ("", "") if shared else (f" at {where(lo)}", f" at {where(hi)}")
+            lines.append(f"Across {len(runs)} scans ({at}), intruder dimensions range from "
+                         f"{_fmt(lo.stats.get('n_intruders'))} ({lo.label}{lo_at}) to "
+                         f"{_fmt(hi.stats.get('n_intruders'))} ({hi.label}{hi_at}).")
+        risky = [r for r in runs if _risk(r) is not None]
+        if risky:
+            worst = max(risky, key=_risk)
+            scores = worst.stats["risk"]["scores"]
+            which = "" if len(risky) == 1 else f"highest of {len(risky)} scans: {worst.label}, "
+            lines.append(f"Data-free risk {_risk(worst):.2f} ({which}the worst matrix's σ-weighted share of its "
+                         f"top-{worst.stats['risk'].get('k')} spectrum in directions new to the base; strength "
+                         f"{_fmt(scores.get('strength'))}); not yet validated against measured forgetting "
+                         "(docs/risk.md).")
     forg = [r for r in data.records if number(r.metrics.get("forgetting")) is not None
             and number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
     if len(forg) == 1:
@@ -250,12 +411,16 @@ def headline(data: ReportData) -> list[str]:
         name = {id(r): g.label for g in groups for r in g.records}
         lines.append(f"Forgetting ranges from {_fmt(lo.metrics['forgetting'])} ({name[id(lo)]}) to "
                      f"{_fmt(hi.metrics['forgetting'])} ({name[id(hi)]}) over {len(forg)} records.")
-    for m in data.mitigations:
-        s, opts = m.summary, m.settings
-        lines.append(f"Mitigation ({m.label}, λ = {opts.get('lam')}, which = {opts.get('which')}, control = "
-                     f"{opts.get('control') or 'none'}): {s['n_directions']} directions rescaled in "
-                     f"{s['n_changed']} of {s['n_matrices']} matrices; largest relative error of the written "
-                     f"weights {s['max_rel_error']:.1e}.")
+    rho = spearman_of(data)
+    for row in rho.values():
+        arm = unit_name(row.get("arm") or {}) or "all units"
+        value = number(row.get("spearman_intruders_forgetting"))
+        text = (f"{value:.2f}" if value is not None
+                else "undefined (the intruder counts or the forgetting are constant)")
+        lines.append(f"Sweep ({arm}): Spearman ρ between intruders and forgetting {text} over "
+                     f"{row.get('n')} fine-tunes (paper Fig. 7: ρ = 0.971).")
+    for g in mitigation_groups(data.mitigations):
+        lines.append(mitigation_line(g))
     for g in lam_groups(data.records):
         rows, ref = lam_rows(g)
         rows = [r for r in rows if r["lam"] != 1.0 and r.get("intruder_dforg") is not None]

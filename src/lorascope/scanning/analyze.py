@@ -4,7 +4,8 @@ For W_0 (base) and W_t = W_0 + ΔW (tuned), per side (left: output space; right:
   1. all singular vectors x_i of W_0 (``basis`` hook, default ``spectral.left_basis``, float64),
   2. the top-k singular triplets (σ_j, y_j) of W_t (``spectral.top_k``, products only for a LoRA ΔW),
   3. max_i |cos(y_j, x_i)| and the argmax; y_j is an intruder when the max is below ε (Alg. 1),
-  4. the spectrum of ΔW (exact from the LoRA core), its effective and stable ranks, ‖ΔW‖_F/‖W_0‖_F.
+  4. the spectrum of ΔW (exact from the LoRA core), its effective and stable ranks, ‖ΔW‖_F/‖W_0‖_F
+     and the excess kurtosis of its entries.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lorascope.spectral import (
     Delta,
     Tuned,
     delta_frobenius,
+    delta_kurtosis,
     delta_singular_values,
     effective_rank,
     left_basis,
@@ -58,6 +60,7 @@ def analyze_matrix(
         delta_effective_rank=effective_rank(dsv),
         delta_stable_rank=stable_rank(dsv),
         delta_rel_norm=delta_frobenius(delta) / base_norm if base_norm > 0 else float("inf"),
+        delta_kurtosis=delta_kurtosis(delta),
     )
     layer, module_type = parse_name(name)
     records = []

@@ -27,8 +27,12 @@ with the module's rank and alpha in ``rank_pattern`` / ``alpha_pattern`` (α' = 
 rsLoRA) so that PEFT's scaling is s again; B and A are kept bit for bit. ``compress=R`` re-factorises
 s·B'A' to rank R by the SVD of its (r+p)×(r+p) core (QR of both factors; never an m×n SVD).
 
-All decompositions run in float64: the base basis by ``left_basis`` and the exact top-k of W_t by
-``exact_top_k``, so u_j, σ_j, v_j are the SVD's triplets to float64 accuracy and (1) is exact.
+All decompositions run in float64: the base basis by ``left_basis``, and the top-k of W_t by block
+Krylov in float64 (``top_k`` with ``tol=EDIT_TOL``: it stops only when every residual
+‖W_t v_j − σ_j u_j‖ ≤ 1e-10·gap_j, which bounds each u_j's angle error by 1e-10 (Wedin), and runs
+the exact Gram route itself where that is not reached). So u_j, σ_j, v_j are the SVD's triplets to
+float64 accuracy and (1) is exact, at the cost of a few products with W_t instead of a second
+float64 eigendecomposition of an m×m Gram matrix.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ import torch
 
 from lorascope.errors import InputError
 from lorascope.schema import ScaledDirection
-from lorascope.spectral.decompose import SVD, exact_top_k, left_basis
+from lorascope.spectral.decompose import SVD, left_basis, top_k
 from lorascope.spectral.intruders import max_abs_cos
+from lorascope.spectral.operators import Delta, Tuned
+
+EDIT_TOL = 1e-10  # Krylov stop: angle error of each edited u_j at most this (float64)
 
 
 @dataclass
@@ -64,13 +71,16 @@ def plan_matrix(
     lam: float,
     which: str = "top1",
     control: str | None = None,
+    delta: Delta | None = None,
 ) -> Plan:
     """Find the intruders of W_t against W_0 (Alg. 1) and the rank-p correction of Eq. (1) or (2).
 
-    W0 and Wt are dense (out, in) matrices; pass float64 for exact triplets.
+    W0 and Wt are dense (out, in) matrices; pass float64 for exact triplets. ``delta`` (ΔW = W_t − W_0,
+    e.g. a LoRA's factors) lets the Krylov start in the update's column space, where intruders live.
     """
     base = left_basis(W0)
-    tuned = exact_top_k(Wt, k)
+    op = Tuned(W0, delta if delta is not None else Wt - W0)
+    tuned = top_k(op, k, init=base.U, tol=EDIT_TOL, max_iter=60)
     cos, match = max_abs_cos(tuned.U, base.U)
     intruders = [j for j in range(k) if cos[j] < epsilon]
     chosen = intruders[:1] if which == "top1" else intruders

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lorascope.spectral.operators import Delta, LowRankDelta
@@ -47,3 +49,28 @@ def delta_frobenius(delta: Delta) -> float:
         gram = (delta.B.T @ delta.B) * (delta.A @ delta.A.T)
         return float(abs(delta.scale) * gram.sum().clamp_min(0).sqrt())
     return float(delta.norm())
+
+
+def delta_kurtosis(delta: Delta, block: int = 1024) -> float | None:
+    """Excess kurtosis of the entries x of ΔW (Fisher): m_4 / m_2² − 3, m_p = mean((x − x̄)^p), in
+    float64 over row blocks (a LoRA ΔW is formed block by block, never whole). 0 for Gaussian entries;
+    heavy tails (a few large entries) give large values. None when ΔW is constant (m_2 = 0)."""
+    m, n = delta.shape
+
+    def rows(i: int) -> torch.Tensor:
+        if isinstance(delta, LowRankDelta):
+            return delta.scale * (delta.B[i:i + block].double() @ delta.A.double())
+        return delta[i:i + block].double()
+
+    if isinstance(delta, LowRankDelta):  # Σ_ij ΔW_ij = s (1ᵀB)(A 1): the mean without forming ΔW
+        total = delta.scale * float(delta.B.double().sum(0) @ delta.A.double().sum(1))
+    else:
+        total = float(delta.sum(dtype=torch.float64))
+    mean = total / (m * n)
+    m2 = m4 = 0.0
+    for i in range(0, m, block):
+        c2 = (rows(i) - mean) ** 2
+        m2, m4 = m2 + float(c2.sum()), m4 + float((c2 * c2).sum())
+    m2, m4 = m2 / (m * n), m4 / (m * n)
+    k = m4 / m2**2 - 3.0 if m2 > 0 else math.nan
+    return k if math.isfinite(k) else None  # m_2 underflowing: undefined, not a number to store

@@ -118,7 +118,8 @@ def fit(
     gradient clipping, bf16 autocast on CUDA. Returns loss and timing history.
 
     Each callback's ``on_step(model, step)`` is called before the first update (step 0) and after
-    every optimizer step; ``on_fit_end(model, step)``, when it has one, after the last."""
+    every optimizer step; ``on_train_loss(step, loss)``, when it has one, with each step's training
+    loss just before; ``on_fit_end(model, step)``, when it has one, after the last."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.loraplus_lr_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
@@ -155,6 +156,8 @@ def fit(
                 allocate(step)
             optimizer.zero_grad(set_to_none=True)
             for cb in callbacks:
+                if hasattr(cb, "on_train_loss"):
+                    cb.on_train_loss(step, loss.item())
                 cb.on_step(model, step)
             losses.append(loss.item())
             window.append(loss.item())
@@ -192,6 +195,25 @@ def score_run(
         return out
     name, value = score_examples(model, tokenizer, test, task.kind, cfg.max_length, batch_size, device)
     return {f"test_{name}": value, "test_examples": len(test)}
+
+
+def task_scorer(config: TrainConfig) -> Any:
+    """``score(model) -> {test_accuracy: ...}``: :func:`score_run` on ``config``'s task, for a model in
+    training (it is put back in training mode afterwards); e.g. an IntruderTracker's ``score``."""
+    cfg = config.resolved()
+    task = load_task(cfg.task, columns=cfg.columns, labels=cfg.labels, test=cfg.test_file)
+    objective = resolve_objective(cfg.objective, task)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.trust_remote_code)
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        training = model.training
+        try:
+            device = next(model.parameters()).device
+            return score_run(model, tokenizer, task, objective, cfg, device)
+        finally:
+            model.train(training)
+
+    return score
 
 
 # -------------------------------------------------------------------------------------------- train

@@ -20,5 +20,5 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("methods", "sweeps", "intervention", "continual", "tracking")  # a new kind: one file, one name here
+NAMES = ("methods", "sweeps", "intervention", "continual", "tracking", "merge")  # a new kind: one file, one name here
 KINDS: dict[str, ModuleType] = {name: importlib.import_module(f"{__name__}.{name}") for name in NAMES}

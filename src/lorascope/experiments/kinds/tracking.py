@@ -39,13 +39,16 @@ def plan(cfg: ExperimentConfig) -> list[Unit]:
 
 
 def train_hooks(u: Unit, folder: Path, cfg: TrainConfig) -> tuple[list[Any], dict[str, Path], Callable]:
-    """An IntruderTracker in the training loop, logging to units/KEY/tracking.jsonl."""
+    """An IntruderTracker in the training loop, logging to units/KEY/tracking.jsonl with the task score
+    on the test split at every scanned step."""
     from lorascope.experiments.tracking import TRACKING_FILE, IntruderTracker
+    from lorascope.train.recipes import task_scorer
 
     tracking, s = u.params["tracking"], u.params["scan"]
     tb = folder / "tensorboard" if tracking["tensorboard"] else None
     tracker = IntruderTracker(u.params["base"], every=tracking["every"], log=folder / TRACKING_FILE,
-                              tensorboard=tb, unit=u.labels, options=ScanOptions(**{**s, "device": cfg.device}))
+                              tensorboard=tb, unit=u.labels, options=ScanOptions(**{**s, "device": cfg.device}),
+                              score=task_scorer(cfg))
 
     def finish(result: Any) -> dict[str, Any]:
         last = tracker.history[-1][1]["sides"]
