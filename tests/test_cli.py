@@ -104,6 +104,11 @@ def test_mitigate_lambda_sweep(tiny_run, tmp_path):
     assert records[2]["metrics"]["accuracy"] == pytest.approx(own["tuned"])  # λ = 1 changes nothing
     data = load(out)
     assert len(data.records) == 3 and len(data.mitigations) == 3
+    # results name the folders they ended up in, not the temporary one the sweep was written into
+    from lorascope.schema import MitigationResult
+
+    assert MitigationResult.load(out / "lam_0.5" / "adapter").output["path"] == str(out / "lam_0.5" / "adapter")
+    assert not [f for f in out.rglob("*.json") if ".tmp-" in f.read_text()]
 
 
 def torch_equal(a, b) -> bool:

@@ -47,6 +47,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert rescan.summary()["sides"]["left"]["n_intruders"] == r["metrics"]["n_intruders"]
         assert 0 <= r["metrics"]["accuracy"] <= 1 and 0 <= r["metrics"]["drift"] <= 1
     assert "λ=0.75" in proc.stdout and "λ=0 " in proc.stdout
+    assert not [f for f in out.rglob("*.json") if ".tmp-" in f.read_text()]  # no temporary paths recorded
     html = (out / "report.html").read_text()
     assert "intruder dimensions" in html and "http://" not in html and "https://" not in html
     assert "accuracy" in proc.stdout and "intruders" in proc.stdout and "report:" in proc.stdout

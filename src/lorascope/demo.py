@@ -30,7 +30,7 @@ import torch
 
 from lorascope.data import readers
 from lorascope.errors import InputError
-from lorascope.io.writers import atomic_dir, atomic_write_json
+from lorascope.io.writers import atomic_dir, atomic_write_json, retarget_paths
 
 TASK_TOPICS = ("business", "politics", "tech")
 HELD_OUT_TOPICS = ("entertainment", "sports")
@@ -203,6 +203,7 @@ def run_demo(out: str | Path = "lorascope-demo", quick: bool = False, device: st
                 summary["methods"][f"{label}, λ={lam:g}"] = rec["metrics"]
         (tmp / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         atomic_write_json(tmp / "summary.json", summary)
+        retarget_paths(tmp, out)  # each result names its inputs where they end up, not in the temporary folder
     # the report only reads what was written above, so it is built from the final folder
     from lorascope.report import build_report
 

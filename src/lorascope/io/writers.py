@@ -56,6 +56,21 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def retarget_paths(tmp: Path, out: str | os.PathLike, names: tuple[str, ...] = ("scan.json", "mitigation.json",
+                                                                              "run.json")) -> None:
+    """Result files written inside ``atomic_dir``'s temporary folder name their inputs and outputs
+    where they will be: ``tmp``'s path (as given and resolved) becomes ``out``'s in every ``names`` file."""
+    pairs = [(str(tmp.resolve()), str(Path(out).resolve())), (str(tmp), str(out))]
+    for name in names:
+        for f in sorted(tmp.rglob(name)):
+            text = f.read_text(encoding="utf-8")
+            new = text
+            for old, final in pairs:
+                new = new.replace(json.dumps(old)[1:-1], json.dumps(final)[1:-1])
+            if new != text:
+                atomic_write_text(f, new)
+
+
 @contextlib.contextmanager
 def _os_errors(path: Path) -> Iterator[None]:
     """A failed write (read-only folder, full disk, a file in the way) is the user's to fix: an

@@ -184,7 +184,7 @@ def mitigate_sweep(
     """
     import json
 
-    from lorascope.io.writers import atomic_dir, atomic_write_text, guard_output
+    from lorascope.io.writers import atomic_dir, atomic_write_text, guard_output, retarget_paths
     from lorascope.models import is_run, read_run
 
     lams = [float(lam) for lam in lams]
@@ -216,4 +216,5 @@ def mitigate_sweep(
             records.append({"unit": unit, "metrics": metrics,
                             "mitigation": str((target / "mitigation.json").relative_to(tmp))})
         atomic_write_text(tmp / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        retarget_paths(tmp, out)  # mitigation.json names the folder it ends up in, not the temporary one
     return records
