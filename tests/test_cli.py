@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -13,6 +14,7 @@ from lorascope.cli import app
 from lorascope.errors import InputError
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _commands(group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -55,12 +57,9 @@ def test_help_texts(path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny BERT and a LoRA run of it on the toy sentiment task (a run folder with its head)."""
-    import torch
-
     from lorascope.train import TrainConfig, train
     from lorascope.train.tiny import save_tiny_model, write_toy_sentiment
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
     base = str(save_tiny_model(root / "bert", "bert"))
     toy = str(write_toy_sentiment(root / "toy.tsv", n=160))
@@ -94,7 +93,7 @@ def test_mitigate_lambda_sweep(tiny_run, tmp_path):
     assert single.summary()["n_directions"] == records[1]["metrics"]["n_directions"]
     a = load_file(str(out / "lam_0.5" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for rec, lam in zip(records, ("0", "0.5", "1"), strict=True):  # each folder is a run: it evaluates alone
         acc = evaluate(tiny_run["base"], adapter=str(out / f"lam_{lam}"), metric="accuracy", data=tiny_run["toy"],
                        device="cpu", progress=False)
@@ -109,12 +108,6 @@ def test_mitigate_lambda_sweep(tiny_run, tmp_path):
 
     assert MitigationResult.load(out / "lam_0.5" / "adapter").output["path"] == str(out / "lam_0.5" / "adapter")
     assert not [f for f in out.rglob("*.json") if ".tmp-" in f.read_text()]
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)
 
 
 def test_mitigate_sweep_bad_input_leaves_nothing(tiny_run, tmp_path):

@@ -319,7 +319,7 @@ def _mitigate_sweep(base, tuned, out, lams, settings, metric, data, max_examples
         if metric:
             change = m[f"{metric}_change_pct"]
             row += [f"{m[metric]:.4f}", "-" if change is None else f"{change:+.2f}"]
-        table.add_row(*row, str(Path(out) / r["mitigation"]).rsplit("/", 1)[0])
+        table.add_row(*row, str(Path(out) / Path(r["mitigation"]).parent))
     Console().print(table)
     console.print(f"wrote {len(records)} λ folders and {Path(out) / 'records.jsonl'} (lorascope report {out} "
                   "draws them)")

@@ -8,6 +8,7 @@ input's own adapter format or as a merged model, are ``mitigation.writers``.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import sys
@@ -182,8 +183,6 @@ def mitigate_sweep(
     ``metrics`` (the mitigation summary and the measures), ``mitigation`` (its mitigation.json).
     Written atomically: ``out`` appears complete or not at all. Returns the records.
     """
-    import json
-
     from lorascope.io.writers import atomic_dir, atomic_write_text, guard_output, retarget_paths
     from lorascope.models import is_run, read_run
 
