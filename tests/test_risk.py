@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from html import escape as html_escape
 
 import pytest
 import torch
@@ -115,4 +116,6 @@ def test_scan_summary_and_report_headline_show_the_risk(tmp_path, capsys):
     assert f"data-free risk {want:.3f}" in " ".join(capsys.readouterr().err.split())
     html = build_report(tmp_path / "scan", tmp_path / "r.html").read_text()
     head = re.search(r'<section class="headline".*?</section>', html, re.S).group(0)
-    assert f"Data-free risk {want:.2f}" in head and "not yet validated" in head
+    from lorascope.risk import VALIDATION
+
+    assert f"Data-free risk {want:.2f}" in head and html_escape(VALIDATION, quote=False) in head

@@ -20,7 +20,7 @@ from typing import Any
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_json, atomic_write_text
-from lorascope.risk import MEANING, SCORES, SUMMED, VALIDATED, matrix_scores, model_scores
+from lorascope.risk import MEANING, SCORES, SUMMED, VALIDATED, VALIDATION, matrix_scores, model_scores
 from lorascope.schema import ScanResult
 
 CHECK_FORMATS = ("json", "sarif", "junit")
@@ -147,8 +147,7 @@ def sarif_log(v: Verdict, base: str, adapter: str, version: str) -> dict[str, An
     rules = [so.ReportingDescriptor(
         id=f"lorascope/{c.score}", name=c.score,
         short_description=so.MultiformatMessageString(text=f"fail when {c}"),
-        full_description=so.MultiformatMessageString(text=f"{MEANING[c.score]} (docs/risk.md; not yet validated "
-                                                          "against measured forgetting)"),
+        full_description=so.MultiformatMessageString(text=f"{MEANING[c.score]} (docs/risk.md; {VALIDATION})"),
         help_uri="https://arxiv.org/abs/2410.21228") for c in v.conditions]
     index = {c.score: i for i, c in enumerate(v.conditions)}
     uri = _artifact_uri(adapter)

@@ -160,8 +160,12 @@ def print_scan_summary(result) -> None:
             f"{s['mean_delta_effective_rank']:.2f}"
         )
         risk = s["risk"]["scores"]
-        console.print(f"data-free risk {risk['risk'] or 0:.3f} (worst matrix; mean {risk['risk_mean'] or 0:.3f}), "
-                      f"strength {risk['strength']:.3f}: not yet validated against forgetting (docs/risk.md)",
+
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.3f}"  # not computable is said, never shown as 0
+
+        console.print(f"data-free risk {fmt(risk['risk'])} (worst matrix; mean {fmt(risk['risk_mean'])}), "
+                      f"strength {fmt(risk['strength'])}; {s['risk'].get('validation', 'not validated')}",
                       highlight=False)
         if s["worst"]:
             table = Table("intruders", "min max|cos|", "chance max|cos|", "matrix")

@@ -398,8 +398,8 @@ def headline(data: ReportData) -> list[str]:
             which = "" if len(risky) == 1 else f"highest of {len(risky)} scans: {worst.label}, "
             lines.append(f"Data-free risk {_risk(worst):.2f} ({which}the worst matrix's σ-weighted share of its "
                          f"top-{worst.stats['risk'].get('k')} spectrum in directions new to the base; strength "
-                         f"{_fmt(scores.get('strength'))}); not yet validated against measured forgetting "
-                         "(docs/risk.md).")
+                         f"{_fmt(scores.get('strength'))}); "
+                         f"{worst.stats['risk'].get('validation') or 'not validated against measured forgetting'}.")
     forg = [r for r in data.records if number(r.metrics.get("forgetting")) is not None
             and number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
     if len(forg) == 1:
