@@ -19,6 +19,7 @@ from lorascope.io.layout import matrix_kinds, orient, unorient
 from lorascope.io.tuned import KohyaLora, PeftAdapter, TunedSource
 from lorascope.io.writers import atomic_write_json
 from lorascope.scanning.analyze import floats
+from lorascope.scanning.engine import prefetch
 from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixMitigation
 from lorascope.spectral import Tuned
@@ -105,8 +106,11 @@ def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | 
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     records = []
-    for pair in run.track(pairs, "mitigating matrices"):
-        W0, delta = run.tuned_matrix(pair, run.base.get(pair.name))
+    def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any]:
+        return (pair, *run.tuned_matrix(pair, run.base.get(pair.name)))
+
+    # the next two base matrices are read (and moved to the device) while this one is decomposed
+    for pair, W0, delta in prefetch(run.track(pairs, "mitigating matrices"), load, workers=2, depth=3):
         Wt = Tuned(W0, delta).dense()
         plan = run.plan(W0, Wt, delta)
         rec = run.record(pair, plan, tuple(W0.shape))
