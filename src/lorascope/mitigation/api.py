@@ -62,12 +62,14 @@ def mitigate(
     from lorascope.io.writers import atomic_dir, guard_output
     from lorascope.mitigation import writers
     from lorascope.runtime import library_versions, resolve_device
+    from lorascope.scanning.engine import warm_up
     from lorascope.scanning.pairing import pair_matrices
 
     t0 = time.perf_counter()
     opts = (options or ScanOptions()).with_(**scan_settings) if scan_settings else (options or ScanOptions())
     control = _check_args(lam, which, control, format, compress)
     dev = resolve_device(opts.device)
+    warming = warm_up(dev)  # torch's first linalg call, alone in its thread, while the inputs are opened
     base_ckpt = Checkpoint(base)
     tuned_src = open_tuned(tuned, residual_base)
     inputs = {"base": base_ckpt.root, "tuned": tuned_src.root}
@@ -94,6 +96,8 @@ def mitigate(
     if residual_base is not None:
         settings["residual_base"] = str(residual_base)
     run = writers.Run(base_ckpt, tuned_src, opts.k, opts.epsilon, lam, which, control, dev, progress)
+    if warming is not None:
+        warming.join()  # before the reader threads and the decompositions start
     with atomic_dir(out, overwrite) as tmp, torch.no_grad():
         if format == "adapter":
             matrices, files = writers.write_adapter(run, pairs, tmp, compress)
