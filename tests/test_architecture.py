@@ -16,6 +16,7 @@ PKG = SRC / "lorascope"
 LAYERS = {
     "lorascope.errors": 0,
     "lorascope.io.writers": 1, "lorascope.runtime": 1, "lorascope.risk": 1, "lorascope.progress": 1,
+    "lorascope.settings": 1,
     "lorascope.schema": 2, "lorascope.scanning.options": 2,
     "lorascope.spectral": 3, "lorascope.report": 3, "lorascope.check": 3,
     "lorascope.io": 4, "lorascope.data": 4,

@@ -6,10 +6,11 @@ Torch-free, so that ``lorascope --help`` can take its defaults from here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.settings import Settings
 
 METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "knots_ties", "knots_dare", "emr")
 SPARSIFYING = ("ties", "dare_linear", "dare_ties", "knots_ties", "knots_dare")  # the ones that take a density
@@ -18,7 +19,7 @@ DEFAULT_DENSITY = 0.5
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(Settings):
     """``method``: one of ``METHOD_NAMES``; ``weights``: one per input (default 1 each; EMR takes none);
     ``density``: the fraction kept by TIES' trim or DARE's drop (default 0.5; only those methods);
     ``seed``: DARE's random masks; ``format``: ``adapter`` (a PEFT LoRA whose ΔW is the merge exactly)
@@ -71,20 +72,6 @@ class MergeOptions:
             raise InputError(f"--weights gives {len(self.weights)} weight(s) for {n} adapters")
         return tuple(float(w) for w in self.weights)
 
-    def with_(self, **changes: Any) -> MergeOptions:
-        return replace(self, **changes)
-
-    @classmethod
-    def from_mapping(cls, raw: dict[str, Any], where: str) -> MergeOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise InputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**raw)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -92,4 +79,4 @@ def _finite(x: Any) -> bool:
 
 def default(name: str) -> Any:
     """The default of one setting, for the CLI's options."""
-    return {f.name: f.default for f in fields(MergeOptions)}[name]
+    return MergeOptions.default(name)

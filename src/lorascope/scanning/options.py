@@ -7,17 +7,18 @@ Kept free of torch so that ``lorascope --help`` can take its defaults from here 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.settings import Settings
 
 SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
-class ScanOptions:
+class ScanOptions(Settings):
     """Alg. 1's settings (paper defaults) and where the arithmetic runs.
 
     ``k``: top-k singular vectors of W_t tested; ``epsilon``: the intruder threshold on max |cos|;
@@ -65,23 +66,7 @@ class ScanOptions:
     def modules_pattern(self) -> re.Pattern | None:
         return re.compile(self.modules) if self.modules else None
 
-    def with_(self, **changes: Any) -> ScanOptions:
-        """A copy with some settings changed (validated again)."""
-        return replace(self, **changes)
-
-    @classmethod
-    def from_mapping(cls, raw: dict[str, Any], where: str) -> ScanOptions:
-        """From a config table, naming ``where`` and the key on an unknown key or a bad value."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise InputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**raw)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-
 
 def default(name: str) -> Any:
-    """The default of one setting, for the CLI's options (each default is written once, above)."""
-    return {f.name: f.default for f in fields(ScanOptions)}[name]
+    """The default of one setting, for the CLI's options."""
+    return ScanOptions.default(name)
