@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_files, atomic_write_json
@@ -69,9 +69,35 @@ class Result:
     created: str | None = None
     schema_version: str = SCHEMA_VERSION
     result_kind: str = ""
+    FILE: ClassVar[str] = ""  # the file in an output folder (mitigation.json, merge.json)
+    RECORD: ClassVar[type] = object  # one matrix's record
+    EXTRA: ClassVar[tuple[str, ...]] = ()  # dict fields written after settings (output, analysis)
 
     def summary(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._to_dict(**{key: getattr(self, key) for key in self.EXTRA})
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / self.FILE
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Any:
+        """Read the result file, or the one inside an output folder; every record is validated."""
+        p = Path(path)
+        p = p / cls.FILE if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+
+            def records(ms: list[dict[str, Any]]) -> list[Any]:
+                return [validated(cls.RECORD, m, i) for i, m in enumerate(ms)]
+
+            return cls(**cls._envelope(d, records), **{key: d.get(key, {}) for key in cls.EXTRA})
+        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
+            raise InputError(f"{p}: not a lorascope {cls.result_kind} result ({e})") from e
 
     def _to_dict(self, **extra: Any) -> dict[str, Any]:
         """The envelope in its fixed key order, with ``extra`` (e.g. a mitigation's output) after settings."""
@@ -236,6 +262,9 @@ class MitigationResult(Result):
     matrices: list[MatrixMitigation] = field(default_factory=list)
     output: dict[str, Any] = field(default_factory=dict)  # path, format, files
     result_kind: str = "mitigation"
+    FILE = "mitigation.json"
+    RECORD = MatrixMitigation
+    EXTRA = ("output",)
 
     def summary(self) -> dict[str, Any]:
         errors = [m.rel_error for m in self.matrices if m.rel_error is not None]
@@ -247,8 +276,6 @@ class MitigationResult(Result):
             "max_rel_error": max(errors, default=0.0),
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return self._to_dict(output=self.output)
 
     def to_pandas(self):  # -> pandas.DataFrame
         """One row per scaled direction (matrices left as they were have none)."""
@@ -272,25 +299,6 @@ class MitigationResult(Result):
                  f"{min(d.intruder_max_cos for d in m.directions):.3f}", m.name) for m in worst]
         parts.append(_html_table(("directions", "σ before→after", "min max|cos|", "matrix"), rows))
         return "\n".join(parts)
-
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        path = Path(out_dir) / "mitigation.json"
-        atomic_write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> MitigationResult:
-        """Read a mitigation.json, or the one inside an output folder."""
-        p = Path(path)
-        p = p / "mitigation.json" if p.is_dir() else p
-        try:
-            d = json.loads(p.read_text())
-            def records(ms: list[dict[str, Any]]) -> list[MatrixMitigation]:
-                return [validated(MatrixMitigation, m, i) for i, m in enumerate(ms)]
-
-            return cls(**cls._envelope(d, records), output=d.get("output", {}))
-        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
-            raise InputError(f"{p}: not a lorascope mitigation result ({e})") from e
 
 
 def _h(value: Any) -> str:
@@ -344,6 +352,9 @@ class MergeResult(Result):
     output: dict[str, Any] = field(default_factory=dict)  # path, format, outputs (label, path, files, bytes), storage
     analysis: dict[str, Any] = field(default_factory=dict)  # with --scan: intruders per input and output
     result_kind: str = "merge"
+    FILE = "merge.json"
+    RECORD = MatrixMerge
+    EXTRA = ("output", "analysis")
 
     def summary(self) -> dict[str, Any]:
         errors = [e for m in self.matrices for e in m.rel_error]
@@ -354,29 +365,6 @@ class MergeResult(Result):
             "mean_rank_after": sum(ranks) / len(ranks) if ranks else 0.0,
             "n_merged_intruders": sum(len(m.intruders) for m in self.matrices),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._to_dict(output=self.output, analysis=self.analysis)
-
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        path = Path(out_dir) / "merge.json"
-        atomic_write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> MergeResult:
-        """Read a merge.json, or the one inside an output folder."""
-        p = Path(path)
-        p = p / "merge.json" if p.is_dir() else p
-        try:
-            d = json.loads(p.read_text())
-
-            def records(ms: list[dict[str, Any]]) -> list[MatrixMerge]:
-                return [validated(MatrixMerge, m, i) for i, m in enumerate(ms)]
-
-            return cls(**cls._envelope(d, records), output=d.get("output", {}), analysis=d.get("analysis", {}))
-        except (OSError, ValueError, KeyError, TypeError, InputError) as e:
-            raise InputError(f"{p}: not a lorascope merge result ({e})") from e
 
 def validated(cls: type, record: Any, index: int) -> Any:
     """A record read back from a file, with every field of the type the dataclass declares (a string
