@@ -406,3 +406,11 @@ def test_outputs_that_cannot_be_written_are_clear_errors(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "a").write_text("a")
     assert not dead.exists() and live.exists() and (tmp_path / "out" / "a").is_file()
+
+
+def test_folder_labels_are_unique_and_name_runs():
+    from lorascope.io.writers import folder_labels
+
+    assert folder_labels(["runs/r8/adapter", "runs/r8/adapter/", "x/lora.safetensors", "a/b"]) == \
+        ["r8", "r8-2", "lora", "b"]
+    assert folder_labels(["/", "/"], fallback="tuned") == ["tuned", "tuned-2"]

@@ -101,7 +101,9 @@ def scan(
     from lorascope.scanning.api import scan_many
 
     specs = expand_specs(tuned)
-    labels = _labels(specs)
+    from lorascope.io.writers import folder_labels
+
+    labels = folder_labels(specs, fallback="tuned")
     if out is not None:
         inputs = {f"tuned ({label})": spec for label, spec in zip(labels, specs, strict=True)}
         guard_output(out, {"base": base, **inputs})
@@ -120,19 +122,6 @@ def scan(
             written = [w for label, result in zip(labels, results, strict=True)
                        for w in result.save(out if len(results) == 1 else out / label, formats)]
         console.print("wrote " + ", ".join(str(w) for w in written))
-
-
-def _labels(specs: list[str]) -> list[str]:
-    """A folder name per input (the adapter's, or its run's when it is a run's adapter/), made unique."""
-    labels: list[str] = []
-    for spec in specs:
-        p = Path(spec.rstrip("/"))
-        name = p.parent.name if p.name in ("adapter", "model") and p.parent.name else p.stem or "tuned"
-        label, n = name, 2
-        while label in labels:
-            label, n = f"{name}-{n}", n + 1
-        labels.append(label)
-    return labels
 
 
 def print_batch_summary(results, labels: list[str]) -> None:

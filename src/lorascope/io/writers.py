@@ -183,3 +183,17 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def folder_labels(specs: list[str], fallback: str = "input") -> list[str]:
+    """A unique output folder name per input path: its own name, or its run's when it is a run's
+    ``adapter/`` or ``model/``; repeats get ``-2``, ``-3``, …"""
+    labels: list[str] = []
+    for spec in specs:
+        p = Path(str(spec).rstrip("/"))
+        name = p.parent.name if p.name in ("adapter", "model") and p.parent.name else p.stem or fallback
+        label, n = name, 2
+        while label in labels:
+            label, n = f"{name}-{n}", n + 1
+        labels.append(label)
+    return labels

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
+from lorascope.io.writers import folder_labels
 from lorascope.merging.options import SPARSIFYING, MergeOptions
 from lorascope.scanning.options import ScanOptions
 from lorascope.schema import MergeResult
@@ -66,7 +67,7 @@ def merge(
     dev = resolve_device(opts.device)
     base_ckpt = Checkpoint(base)
     sources = [open_tuned(a) for a in adapters]
-    labels = input_labels(adapters)
+    labels = folder_labels(adapters)
     guard_output(out, {"base": base_ckpt.root, **{f"adapter {lab}": s.root for lab, s in zip(labels, sources,
                                                                                              strict=True)}})
     _check_one_base(adapters, sources)
@@ -222,19 +223,6 @@ def matrix_seed(seed: int, name: str) -> int:
     """DARE's per-matrix seed: the first 8 bytes of sha256("{seed}|{name}"), so a matrix's masks do not
     depend on which other matrices are merged."""
     return int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def input_labels(specs: list[str]) -> list[str]:
-    """A unique folder name per input (its own, or its run's when it is a run's adapter/)."""
-    labels: list[str] = []
-    for spec in specs:
-        p = Path(str(spec).rstrip("/"))
-        name = p.parent.name if p.name in ("adapter", "model") and p.parent.name else p.stem or "input"
-        label, n = name, 2
-        while label in labels:
-            label, n = f"{name}-{n}", n + 1
-        labels.append(label)
-    return labels
 
 
 def digest(path: Path) -> str:
