@@ -1,6 +1,6 @@
 """``lorascope check``: a pass/fail gate on a scan's data-free scores, with JSON, SARIF 2.1.0 and JUnit.
 
-A condition is ``NAME OP NUMBER`` (``risk>0.6``, ``intruders>20``), NAME one of ``risk.SCORES``, OP
+A condition is ``NAME OP NUMBER`` (``risk>0.3``, ``intruders>20``), NAME one of ``risk.SCORES``, OP
 one of ``> >= < <=``; several, comma-separated, fail when any holds (default
 ``risk.DEFAULT_FAIL_ON``). A flagged matrix is one that makes a failing condition true: its own value
 breaks the threshold (for ``risk``, the worst matrix's, and for the means), or it adds to a failing
@@ -54,15 +54,15 @@ class Verdict:
 
 
 def parse_fail_on(expr: str) -> list[Condition]:
-    """``"risk>0.6, intruders>20"`` -> conditions; anything else is an InputError naming the part."""
+    """``"risk>0.3, intruders>20"`` -> conditions; anything else is an InputError naming the part."""
     parts = [p for p in expr.split(",") if p.strip()]
     if not parts:
-        raise InputError(f"--fail-on '{expr}' is empty: write e.g. \"risk>0.6\" or \"intruders>20\"")
+        raise InputError(f"--fail-on '{expr}' is empty: write e.g. \"risk>0.3\" or \"intruders>20\"")
     out = []
     for part in parts:
         m = _CONDITION.match(part)
         if m is None:
-            raise InputError(f"--fail-on: '{part.strip()}' is not a condition NAME OP NUMBER (e.g. risk>0.6; "
+            raise InputError(f"--fail-on: '{part.strip()}' is not a condition NAME OP NUMBER (e.g. risk>0.3; "
                              f"OP one of > >= < <=)")
         if m.group(1) not in SCORES:
             raise InputError(f"--fail-on: unknown score '{m.group(1)}' in '{part.strip()}' (choose from "

@@ -171,7 +171,7 @@ def check(
     base: str = typer.Argument(..., help="Base model: HF folder, weight file or hub id."),
     adapter: str = typer.Argument(..., help="Adapter or fine-tuned model, as for `scan`."),
     fail_on: str = typer.Option(DEFAULT_FAIL_ON, help="Fail when any holds: NAME OP NUMBER, comma-separated "
-                                "(risk>0.6, intruders>20; names in docs/risk.md)."),
+                                "(risk>0.3, intruders>20; names in docs/risk.md)."),
     format: str = typer.Option("json", help="With --out, comma-separated: json,sarif,junit."),
     out: Path | None = typer.Option(None, help="Write OUT/check.json (+ scan.json), check.sarif, check.junit.xml."),
     modules: str | None = typer.Option(scan_default("modules"), help="Regex on tensor names to restrict the scan."),
