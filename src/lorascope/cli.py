@@ -404,7 +404,7 @@ def demo(
 
 @app.command()
 def report(
-    path: Path = typer.Argument(..., help="scan.json, mitigation.json, records.jsonl, or a folder of them."),
+    path: Path = typer.Argument(..., help="scan.json, mitigation.json, merge.json, records.jsonl, or a folder."),
     out: Path = typer.Option(Path("report.html"), help="The HTML file to write (self-contained)."),
     png_dir: Path | None = typer.Option(None, help="Also save every figure here as PNG and SVG."),
     matrices: str | None = typer.Option(None, help="Regex on matrix names for the similarity maps."),

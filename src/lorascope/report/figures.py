@@ -107,9 +107,11 @@ def _short(name: str) -> str:
 # ------------------------------------------------------------------------------------ scan figures
 
 
-def similarity_maps(runs: list[Run], matrices: str | None = None, n: int = 3) -> list[Plot]:
+def similarity_maps(runs: list[Run], matrices: str | None = None, n: int = 3, names: list[str] | None = None,
+                    prefix: str = "similarity") -> list[Plot]:
     """Paper Figs. 1–3, one figure per run: the ``n`` matrices with the most intruders (or those
-    whose name matches the regex ``matrices``), heatmaps of the stored k × n_map |cos| map."""
+    whose name matches the regex ``matrices``; or ``names``, in that order, the same in every run),
+    heatmaps of the stored k × n_map |cos| map. ``prefix``: the figures' file stem."""
     try:
         pattern = re.compile(matrices) if matrices else None
     except re.error as e:
@@ -120,7 +122,10 @@ def similarity_maps(runs: list[Run], matrices: str | None = None, n: int = 3) ->
         recs = [m for m in run.result.matrices if m.side == run.side and m.similarity]
         if pattern is not None:
             recs = [m for m in recs if pattern.search(m.name)]
-        recs = sorted(recs, key=lambda m: (-m.n_intruders, min(m.max_cos)))[:n]
+        if names is not None:
+            by_name = {m.name: m for m in recs}
+            recs = [by_name[x] for x in names if x in by_name]
+        recs = recs[:n] if names is not None else sorted(recs, key=lambda m: (-m.n_intruders, min(m.max_cos)))[:n]
         if not recs:
             continue
         fig = _figure(3.6 * len(recs) + 0.8, 3.6)
@@ -145,7 +150,7 @@ def similarity_maps(runs: list[Run], matrices: str | None = None, n: int = 3) ->
         caption = (f"{run.label}: |cos| between the top-{run.result.k} tuned and the top base {run.side} "
                    f"singular vectors. Outlined rows (red index) are intruders: max |cos| < ε = {eps} over "
                    "all base vectors, not only the ones shown.")
-        plots.append(Plot(f"similarity_{i}", f"Similarity map: {run.label}", caption, fig))
+        plots.append(Plot(f"{prefix}_{i}", f"Similarity map: {run.label}", caption, fig))
     return plots
 
 

@@ -17,7 +17,7 @@ import jinja2
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_bytes, atomic_write_text, guard_output
-from lorascope.report import figures, tables
+from lorascope.report import figures, merges, tables
 from lorascope.report.loader import ReportData, load
 
 
@@ -53,7 +53,7 @@ def build_report(
         raise InputError(f"--n-maps must be at least 1, got {n_maps}")
     data = load(path)
     read = {Path(x.source.rsplit(":", 1)[0] if ":" in Path(x.source).name else x.source).resolve()
-            for x in [*data.runs, *data.mitigations, *getattr(data, "records", [])] if x.source}
+            for x in [*data.runs, *data.mitigations, *data.merges, *getattr(data, "records", [])] if x.source}
     if out.resolve() in read:  # a report over a folder may sit beside its results, never in place of one
         raise InputError(f"--out {out} is one of the result files the report reads; choose another path")
     sections, plots = _sections(data, matrices, n_maps)
@@ -82,7 +82,9 @@ def _sections(
         return Section(id_, title, embedded, tabs, text)
 
     runs = data.runs
-    sims = figures.similarity_maps(runs, matrices, n_maps)
+    scanned = [g for g in data.merges if g.analysis]  # their scans' maps are drawn in their own sections
+    in_merge = {id(r) for g in scanned for r in [*g.outputs.values(), *g.inputs.values()]}
+    sims = figures.similarity_maps([r for r in runs if id(r) not in in_merge], matrices, n_maps)
     n_full = sum(r.result is not None for r in runs)
     map_note = (f"Similarity maps are drawn for the first {figures.MAX_MAP_RUNS} of {n_full} scans."
                 if n_full > figures.MAX_MAP_RUNS else "")
@@ -93,6 +95,16 @@ def _sections(
         section("similarity", "Similarity maps (paper Figs. 1–3)", sims, [], map_note),
         section("spectra", "ΔW spectra and effective rank", [figures.delta_spectra(runs)], []),
     ]
+    if data.merges:
+        out.append(section("merges", "Merges", [], [merges.merges_table(data.merges)]))
+    for i, g in enumerate(scanned):  # before / after: the inputs, the merge and where its intruders come from
+        out.append(section(f"merge-{i}", f"Merge: {g.name}",
+                           [merges.intruder_bars(g, i), merges.attribution_map(g, i),
+                            *merges.merge_maps(g, matrices, n_maps, i)],
+                           [merges.attribution_table(g, i), merges.intruder_table(g, i)]))
+    study = merges.study_rows(data.records)
+    if study:
+        out.append(section("merge-study", "Merge study", [merges.study_scatter(study)], [merges.study_table(study)]))
     for i, g in enumerate(tables.mitigation_groups(data.mitigations)):  # one section per adapter, λ as an axis
         keys = [k for k in g.items[0].settings if k not in tables.LAM_AXIS]
         shared = {k: tables.same([m.settings.get(k) for m in g.items]) for k in keys}
@@ -139,7 +151,7 @@ def render(data: ReportData, sections: list[Section]) -> str:
     title = f"lorascope report: {data.root.resolve().name}"
     return env.from_string(template).render(
         title=title,
-        headline=tables.headline(data),
+        headline=tables.headline(data) + merges.headline(data),
         sections=sections,
         provenance=_provenance(data),
         report_command=" ".join(sys.argv) if sys.argv and "lorascope" in sys.argv[0] else None,

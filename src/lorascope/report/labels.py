@@ -15,6 +15,11 @@ METHOD_NAMES = {
     "vera": "VeRA",
 }
 METHOD_KEYS = ("method", "rank", "alpha", "lr", "rslora", "loraplus_lr_ratio")
+# lorascope merge --method (merging/options.py: METHOD_NAMES), as the papers write them
+MERGE_NAMES = {
+    "linear": "linear", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare_linear": "DARE",
+    "dare_ties": "DARE-TIES", "knots_ties": "KnOTS-TIES", "knots_dare": "KnOTS-DARE", "emr": "EMR",
+}
 
 
 def sci(x: float) -> str:
@@ -45,7 +50,15 @@ def method_name(unit: dict[str, Any]) -> str:
     return f"{name} ({', '.join(inside)})" if inside else name
 
 
+def merge_name(method: str, lam: Any = None) -> str:
+    """'TIES', 'KnOTS-TIES, λ = 0.5' (each input's intruders scaled by λ before the merge)."""
+    name = MERGE_NAMES.get(str(method), str(method))
+    return f"{name}, {_phrase('lam', lam)}" if lam is not None else name
+
+
 def _phrase(key: str, value: Any) -> str:
+    if key == "merge":
+        return f"{merge_name(value)} merge"
     if key == "lam":
         return f"λ = {value:g}" if isinstance(value, (int, float)) else f"λ = {value}"
     if key == "control":

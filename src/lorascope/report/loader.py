@@ -4,8 +4,9 @@ Accepted inputs (the contract is written out in docs/report.md):
 
 - a ``scan.json`` (``ScanResult``, result_kind "scan"),
 - a ``mitigation.json`` (result_kind "mitigation": one record per changed direction),
+- a ``merge.json`` (result_kind "merge", ``lorascope merge``), with the scans its ``--scan`` wrote,
 - a ``records.jsonl`` experiment store (one JSON object per finished unit),
-- a folder holding any of these: every ``scan.json`` and ``mitigation.json`` below it (hidden folders
+- a folder holding any of these: every ``scan.json``, ``mitigation.json`` and ``merge.json`` below it (hidden folders
   skipped; each labelled by its folder, relative to the given one), every ``records.jsonl`` below it
   (one per experiment store, with the store's ``summary.json`` beside it) and ``tracking.jsonl`` files
   (training-dynamics records) anywhere below it.
@@ -24,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from lorascope.errors import InputError
-from lorascope.report.labels import unit_name, varying_keys
-from lorascope.schema import ScanResult
+from lorascope.report.labels import merge_name, unit_name, varying_keys
+from lorascope.schema import MergeResult, ScanResult
 
 RECORDS_FILE = "records.jsonl"
 TRACKING_FILE = "tracking.jsonl"
 SUMMARY_FILE = "summary.json"  # an experiment store's derived tables (sweeps: Spearman ρ)
+MERGE_FILE = "merge.json"
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Record:
     study: str | None = None  # the experiment kind that wrote it (sweeps, intervention, ...), when stored
     store: str = ""  # the experiment store's folder, relative to the report root
     mitigation_file: Path | None = None  # the mitigation.json this unit wrote, if any
+    merged_dir: Path | None = None  # the merge output folder this unit wrote (merge study), if any
 
     @property
     def n_intruders(self) -> float | None:
@@ -106,10 +109,39 @@ class Record:
 
 
 @dataclass
+class Merge:
+    """A merge.json (``lorascope.schema.MergeResult``) and, with ``--scan``, the scans it names: its
+    outputs' and its inputs' (``analysis.scans``), by output and input label."""
+
+    label: str  # its folder, relative to the report root
+    result: MergeResult
+    source: str
+    name: str = ""  # 'TIES of a0, a1, a2', or its unit's name in a merge study
+    outputs: dict[str, Run] = field(default_factory=dict)
+    inputs: dict[str, Run] = field(default_factory=dict)
+    unit: dict[str, Any] | None = None  # the experiment unit that wrote it, if any
+    record: Record | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.result.settings.get("method"))
+
+    @property
+    def input_labels(self) -> list[str]:
+        return [str(x) for x in self.result.settings.get("labels", [])]
+
+    @property
+    def analysis(self) -> dict[str, Any]:
+        """``--scan``'s counts (docs/merge.md), checked by the loader; {} without ``--scan``."""
+        return self.result.analysis
+
+
+@dataclass
 class ReportData:
     root: Path
     runs: list[Run] = field(default_factory=list)
     mitigations: list[Mitigation] = field(default_factory=list)
+    merges: list[Merge] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)  # units (no step)
     tracking: list[Record] = field(default_factory=list)  # training-dynamics points (with step)
     spearman: list[dict[str, Any]] = field(default_factory=list)  # summary.json rows of sweep stores, + "store"
@@ -125,6 +157,9 @@ class ReportData:
         for m in self.mitigations:
             out.append({"source": m.source, "kind": "mitigation", "command": m.command, "created": m.created,
                         "versions": m.versions})
+        for g in self.merges:
+            out.append({"source": g.source, "kind": "merge", "command": g.result.command,
+                        "created": g.result.created, "versions": g.result.versions})
         return out
 
 
@@ -141,7 +176,7 @@ def load(path: str | os.PathLike) -> ReportData:
         _load_file(data, p, label=_label(p.parent, p.parent))
     else:
         data = ReportData(root=p)
-        for f in _find(p, "scan.json") + _find(p, "mitigation.json"):
+        for f in _find(p, "scan.json") + _find(p, "mitigation.json") + _find(p, MERGE_FILE):
             _load_file(data, f, label=_label(f.parent, p))
         for f in _find(p, RECORDS_FILE):
             store = _label(f.parent, p) if f.parent.resolve() != p.resolve() else ""
@@ -149,12 +184,14 @@ def load(path: str | os.PathLike) -> ReportData:
             _load_summary(data, f.parent / SUMMARY_FILE, store)
         for f in _find(p, TRACKING_FILE):
             _load_records(data, f, tracking_label=_label(f.parent, p))
-    if not (data.runs or data.mitigations or data.records or data.tracking):
+    if not (data.runs or data.mitigations or data.merges or data.records or data.tracking):
         if p.is_dir() and (p / RECORDS_FILE).is_file():
             raise InputError(f"{p / RECORDS_FILE}: holds no finished units yet (and the folder has no scan.json "
                              "or mitigation.json); run or resume the experiment first")
-        raise InputError(f"{p}: found no scan.json, mitigation.json, {RECORDS_FILE} or {TRACKING_FILE}")
+        raise InputError(f"{p}: found no scan.json, mitigation.json, {MERGE_FILE}, {RECORDS_FILE} or "
+                         f"{TRACKING_FILE}")
     _link_mitigations(data)
+    _link_merges(data)
     _label_runs(data.runs)
     return data
 
@@ -193,8 +230,10 @@ def _load_file(data: ReportData, path: Path, label: str) -> None:
         data.runs.append(_scan_run(path, d, label))
     elif kind == "mitigation":
         data.mitigations.append(_mitigation(path, label))
+    elif kind == "merge":
+        data.merges.append(_merge(path, label))
     else:
-        raise InputError(f"{path}: result_kind '{kind}' is not one report reads (scan, mitigation)")
+        raise InputError(f"{path}: result_kind '{kind}' is not one report reads (scan, mitigation, merge)")
 
 
 def _scan_run(path: Path, d: dict[str, Any], label: str) -> Run:
@@ -248,6 +287,9 @@ def _load_records(data: ReportData, path: Path, tracking_label: str | None = Non
         mitigation = (d.get("paths") or {}).get("mitigation") if isinstance(d.get("paths"), dict) else None
         if isinstance(mitigation, str):
             rec.mitigation_file = (path.parent / mitigation).resolve()
+        merged = (d.get("paths") or {}).get("merged") if isinstance(d.get("paths"), dict) else None
+        if isinstance(merged, str):
+            rec.merged_dir = (path.parent / merged).resolve()
         if "scan" in d and d["scan"] is not None:
             rec.run = _record_scan(d["scan"], path.parent, where, scans)
             if step is None:  # a unit's scan is one of the report's runs, named after the unit
@@ -274,6 +316,61 @@ def _link_mitigations(data: ReportData) -> None:
         rec = by_file.get(Path(m.source).resolve())
         if rec is not None:
             m.record, m.unit = rec, rec.unit
+
+
+def _merge(path: Path, label: str) -> Merge:
+    """A merge.json; its ``analysis`` (free-form in the schema) is checked here, as the report reads it."""
+    res = MergeResult.load(path)
+    a = res.analysis
+    if a:
+        def counts(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                   for v in value.values())
+
+        checks = {"intruders.outputs": counts((a.get("intruders") or {}).get("outputs")),
+                  "intruders.inputs": counts((a.get("intruders") or {}).get("inputs")),
+                  "attributed_to": counts(a.get("attributed_to")),
+                  "new_directions": isinstance(a.get("new_directions"), int),
+                  "scans": isinstance(a.get("scans"), dict) and all(isinstance(v, str) for v in a["scans"].values()),
+                  "epsilon": isinstance(a.get("epsilon"), (int, float)), "k": isinstance(a.get("k"), int)}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise InputError(f"{path}: analysis.{bad[0]} is missing or not of the type docs/merge.md gives")
+    return Merge(label=label, result=res, source=str(path))
+
+
+def _link_merges(data: ReportData) -> None:
+    """Attach each merge.json to the unit that wrote it (``paths.merged``) and to the scans its ``--scan``
+    wrote (read here when the report was given the merge.json alone); those scans are named after the
+    merge: 'TIES merge', 'input a0' (with the merge's folder first when the report holds several)."""
+    by_dir = {r.merged_dir: r for r in data.records if r.merged_dir is not None}
+    units = [r.unit for r in by_dir.values()]
+    varying = varying_keys(units)
+    scans: dict[Path, Run] = {Path(r.source).resolve(): r for r in data.runs if r.result is not None}
+    scanned = [g for g in data.merges if g.analysis]
+    for g in data.merges:
+        rec = by_dir.get(Path(g.source).resolve().parent)
+        if rec is not None:
+            g.record, g.unit = rec, rec.unit
+        method = merge_name(g.method)
+        g.name = (unit_name(g.unit, varying) if g.unit else "") or f"{method} of {', '.join(g.input_labels)}"
+        prefix = f"{g.label}: " if len(scanned) > 1 else ""
+        outputs = set((g.analysis.get("intruders") or {}).get("outputs", {}))
+        for key, rel in (g.analysis.get("scans") or {}).items():
+            role, _, label = key.partition("-")
+            p = (Path(g.source).parent / rel).resolve()
+            if p not in scans:
+                if not p.is_file():
+                    raise InputError(f"{g.source}: analysis.scans names '{rel}', which is not there (looked for {p})")
+                scans[p] = _scan_run(p, _read_json(p), label)
+                data.runs.append(scans[p])
+            run = scans[p]
+            if role == "output" and label in outputs:
+                run.label = prefix + (f"{method} merge" if len(outputs) == 1 else f"{method} merge for {label}")
+                g.outputs[label] = run
+            elif role == "input":
+                run.label = f"{prefix}input {label}"
+                g.inputs[label] = run
 
 
 def _record_scan(scan: Any, root: Path, where: str, scans: dict[Path, Run]) -> Run:

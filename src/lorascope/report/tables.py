@@ -205,7 +205,8 @@ def control_of(unit: dict[str, Any]) -> str:
 def sweep_records(records: list[Record]) -> list[Record]:
     """Fine-tunes of a sweep (paper Fig. 7): records of a sweeps study, else plain units (no λ, no
     stage); only those with both an intruder count and a forgetting number."""
-    plain = [r for r in records if number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None]
+    plain = [r for r in records if number(r.unit.get("lam")) is None and number(r.unit.get("stage")) is None
+             and not r.unit.get("merge")]  # a merge is no fine-tune of a sweep (report/merges.py)
     sweeps = [r for r in plain if r.study == "sweeps"] or plain
     return [r for r in sweeps if r.n_intruders is not None and number(r.metrics.get("forgetting")) is not None]
 
@@ -239,7 +240,9 @@ def spearman_table(data: ReportData) -> Table:
 
 
 def lam_groups(records: list[Record]) -> list[Group]:
-    return group_records([r for r in records if number(r.unit.get("lam")) is not None], ("lam", "control"))
+    # a merge study's λ (inputs' intruders scaled before the merge) is its own section (report/merges.py)
+    return group_records([r for r in records if number(r.unit.get("lam")) is not None and not r.unit.get("merge")],
+                         ("lam", "control"))
 
 
 def lam_rows(group: Group) -> tuple[list[dict[str, Any]], Record | None]:
