@@ -36,6 +36,7 @@ def merge(
     scan_options: ScanOptions | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    labels: list[str] | None = None,
     **settings: Any,
 ) -> MergeResult:
     """Merge ``adapters`` (two or more, of the one ``base``) with ``options.method`` and write OUT.
@@ -47,6 +48,7 @@ def merge(
     relative error. ``scan``: find the merge's intruders (``scan_options``: k, ε) and which inputs they
     come from, and write OUT/scans/<name>/scan.json for every output and input. Settings come as
     ``options`` or as keywords of ``MergeOptions``. ``out`` must not exist unless ``overwrite``.
+    ``labels``: a unique name per input (its folder's by default), used for EMR's folders and scans.
     """
     import torch  # here, not at module level: `import lorascope` stays light
 
@@ -67,7 +69,9 @@ def merge(
     dev = resolve_device(opts.device)
     base_ckpt = Checkpoint(base)
     sources = [open_tuned(a) for a in adapters]
-    labels = folder_labels(adapters)
+    labels = list(labels) if labels is not None else folder_labels(adapters)
+    if len(labels) != len(adapters) or len(set(labels)) != len(labels):
+        raise InputError(f"labels {labels} must name each of the {len(adapters)} inputs once")
     guard_output(out, {"base": base_ckpt.root, **{f"adapter {lab}": s.root for lab, s in zip(labels, sources,
                                                                                              strict=True)}})
     _check_one_base(adapters, sources)

@@ -78,7 +78,7 @@ def run_merge(u: Unit, folder: Path, store: Store):
             scaled.append(str(out))
         adapters = scaled
     opts = MergeOptions(method=p["merge"], density=p["density"], modules=s["modules"], device=device)
-    result = merge(p["base"], adapters, folder / "merged", opts)
+    result = merge(p["base"], adapters, folder / "merged", opts, labels=[task_label(t) for t, _ in p["heads"]])
     outputs = [Path(o["path"]) for o in result.output["outputs"]]
     per_task = outputs if len(outputs) > 1 else outputs * len(runs)  # EMR: each task its own adapter
 
