@@ -92,3 +92,36 @@ def test_carry_split_round_trip_and_damaged_parts(tmp_path: Path):
     assert carry_split.main(["join", str(manifest), str(tmp_path / "x")]) == 2
     with pytest.raises(InputError, match="--mib"):
         carry_split.split(src, tmp_path / "p2", mib=61)
+
+
+def test_intervention_which_list_plans_each_on_the_same_fine_tune():
+    from lorascope.experiments.config import load_config
+    from lorascope.experiments.studies import plan
+
+    path = ROOT / "examples" / "experiments" / "paper" / "decoder_intervention.toml"
+    both = plan(load_config(path))
+    assert len(both) == 1 + 2 * 8 * 2 and {u.labels.get("which") for u in both[1:]} == {"top1", "all"}
+    assert {u.deps for u in both[1:]} == {(both[0].key,)}
+    top1 = plan(load_config(path, ['grid.which="top1"']))  # a single value plans the same units as before
+    assert {u.key for u in top1} < {u.key for u in both} and len(top1) == 17
+
+
+def test_evaluate_scores_a_decoder_run_on_its_own_task(tmp_path: Path):
+    """``evaluate --metric accuracy`` (the intervention study's task score) on causal-LM runs: the
+    tuned side equals what training scored on the same test examples (exact match; LM loss on text)."""
+    from lorascope.evaluate import evaluate
+    from lorascope.train import TrainConfig, train
+    from lorascope.train.tiny import save_tiny_model, write_toy_corpus
+
+    torch.set_num_threads(1)
+    llama = str(save_tiny_model(tmp_path / "llama", "llama"))
+    corpus = str(write_toy_corpus(tmp_path / "corpus.txt"))
+    common = {"model": llama, "method": "lora", "lr": 1e-2, "epochs": 1, "max_length": 32,
+              "max_eval_examples": 8, "batch_size": 4, "device": "cpu"}
+    for task, name, field in (("strings", "exact_match", "test_exact_match"), (corpus, "lm_loss", "test_loss")):
+        n = 16 if task == "strings" else None  # the whole toy corpus: enough steps to move the loss
+        record = train(TrainConfig(task=task, max_examples=n, **common), tmp_path / name, progress=False)
+        r = evaluate(str(tmp_path / name), metric="accuracy", max_examples=8, max_length=32, progress=False)
+        assert r["details"]["score"] == name and r["higher_is_better"] == (name == "exact_match")
+        assert r["tuned"] == pytest.approx(record["metrics"][field], rel=1e-5)
+        assert r["base"] != r["tuned"] or name == "exact_match"
