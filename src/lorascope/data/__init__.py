@@ -5,7 +5,8 @@
 - :mod:`~lorascope.data.files`: tasks from ``.tsv .csv .jsonl .json .txt`` files and ``hf:`` names;
 - :mod:`~lorascope.data.tasks`: ``load_task``, the one entry point;
 - :mod:`~lorascope.data.corpora`: generic text for forgetting metrics;
-- :mod:`~lorascope.data.arithmetic`: the generated word-problem task;
+- :mod:`~lorascope.data.arithmetic`: the generated word-problem task; :mod:`~lorascope.data.strings`: the
+  generated string-manipulation task;
 - :mod:`~lorascope.data.features`: examples -> token ids -> padded batches (needs torch; not imported here).
 """
 

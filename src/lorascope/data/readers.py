@@ -222,6 +222,15 @@ def arithmetic() -> TaskData:
                     [Example(p, response=r) for p, r in test], [], "lorascope.data.arithmetic (seed 0)")
 
 
+def strings() -> TaskData:
+    """Generated string-manipulation problems (``lorascope.data.strings``): 5,000 train, 500 test."""
+    from lorascope.data.strings import string_problems
+
+    train, test = string_problems()
+    return TaskData("strings", "prompt_response", [Example(p, response=r) for p, r in train],
+                    [Example(p, response=r) for p, r in test], [], "lorascope.data.strings (seed 0)")
+
+
 def state_union() -> TaskData:
     docs = [Example(t) for t in state_union_speeches()]
     n_test = max(1, round(len(docs) * TEST_FRACTION))  # the latest speeches test
@@ -241,6 +250,7 @@ BUILTIN_TASKS: dict[str, Callable[[], TaskData]] = {
     "wikitext2": wikitext2,
     "state-union": state_union,
     "arithmetic": arithmetic,
+    "strings": strings,
 }
 ALIASES = {
     "sst-2": "sst2",

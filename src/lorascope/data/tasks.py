@@ -29,7 +29,7 @@ def load_task(
 ) -> TaskData:
     """Load a task by built-in name, local file or folder, or ``hf:NAME[:CONFIG]``.
 
-    - built-in: ``sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 state-union arithmetic``;
+    - built-in: ``sst2 agnews rte subj trec rt-polarity stsb bbc wikitext2 state-union arithmetic strings``;
     - a ``.tsv/.csv/.jsonl/.json`` file with a header (``test`` names the test file; without one a
       seeded 10% split is held out) or a ``.txt`` corpus;
     - a folder holding ``train.*`` and optionally ``test.*`` in one of those formats.

@@ -61,7 +61,7 @@ def evaluate(
         "tuned": tuned_value,
         "change": None if tuned_value is None else tuned_value - base_value,
         "change_pct": relative_change(base_value, tuned_value),
-        "higher_is_better": spec.higher_is_better,
+        "higher_is_better": spec.higher_is_better and measured.details.get("score") != "lm_loss",
         "n": measured.n,
         "data": measured.data,
         "base_model": base.ref,

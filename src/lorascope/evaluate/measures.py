@@ -16,7 +16,16 @@ import torch
 from lorascope.data import Example, load_corpus, load_corpus_text, load_task, read_stsb, subsample
 from lorascope.data.features import encode_classification
 from lorascope.errors import InputError
-from lorascope.evaluate.metrics import lm_loss, predict, pseudo_loss, representation_drift, sts_spearman, task_score
+from lorascope.evaluate.metrics import (
+    LM_KINDS,
+    lm_loss,
+    predict,
+    pseudo_loss,
+    representation_drift,
+    score_examples,
+    sts_spearman,
+    task_score,
+)
 from lorascope.evaluate.sides import Side, with_classifier, with_pretraining_head
 
 
@@ -71,13 +80,19 @@ def first_texts(texts: list[str], n: int | None) -> list[str]:
 
 
 def accuracy(ctx: Context) -> Measured:
-    """Test-split accuracy (Spearman for regression) of each side, with a classifier for the task."""
+    """Test-split accuracy (Spearman for regression) of each side, with a classifier for the task; on a
+    decoder task (prompt/response, text) each side's causal LM scored directly (exact match, LM loss)."""
     own = ctx.tuned or ctx.base
     if ctx.data is None and own.record is None:
         raise InputError("accuracy needs a task: pass data=TASK (or evaluate a run)")
     task = load_task(ctx.data or own.record["config"]["task"])
     test = subsample(task.test, ctx.limit)
     length = ctx.max_length or (int(own.record["config"]["max_length"]) if own.record else 128)
+    if task.kind in LM_KINDS:
+        cache: dict = {}
+        scored = [score_examples(with_pretraining_head(s, "lm", ctx.root, ctx.device, ctx.trust_remote_code, cache),
+                                 ctx.tokenizer, test, task.kind, length, ctx.batch_size, ctx.device) for s in ctx.sides]
+        return Measured([v for _, v in scored], len(test), task.name, {"score": scored[0][0]})
     features = encode_classification(test, ctx.tokenizer, length)
     labels = [e.label for e in test]
     values = []

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorascope.data.examples import Example
-from lorascope.data.features import IGNORE_INDEX, Feature, encode_classification, make_loader
+from lorascope.data.features import IGNORE_INDEX, Feature, encode, encode_classification, make_loader
 from lorascope.errors import InputError, NonFiniteError
+
+LM_KINDS = ("prompt_response", "text")  # task kinds a causal LM is scored on (no classifier head)
 
 # ---------------------------------------------------------------------------------------- statistics
 
@@ -150,7 +152,13 @@ def score_examples(
     model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], kind: str, max_length: int,
     batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = False,
 ) -> tuple[str, float]:
-    """(name, value) of a classifier on labelled examples: accuracy, or Spearman's rho for regression."""
+    """(name, value) of a model on test examples: a classifier's accuracy, or Spearman's rho for
+    regression; a causal LM's ``exact_match`` on a prompt/response task (the share of examples whose
+    whole response greedy decoding writes), or its per-token ``lm_loss`` (NLL / tokens) on a text task."""
+    if kind in LM_KINDS:
+        features = encode(examples, "lm", kind, tokenizer, max_length)
+        nll, n, exact = causal_lm_scores(model, features, tokenizer, batch_size, device)
+        return ("exact_match", exact / len(features)) if kind == "prompt_response" else ("lm_loss", nll / n)
     features = encode_classification(examples, tokenizer, max_length)
     logits = predict(model, features, tokenizer, batch_size, device, progress)
     return task_score(logits, [e.label for e in examples], kind)

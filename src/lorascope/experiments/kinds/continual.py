@@ -63,11 +63,13 @@ def run_continual(u: Unit, folder: Path, store: Store):
     for task, head_run in heads:
         name, value = head_score(head_run, model_run, task, cfg.max_eval_examples, cfg.max_length, cfg.device)
         metrics[f"{name}/{task_label(task)}"] = value
-        scores.append(value)
-    metrics["task_score"] = scores[-1]  # the stage's own task, scored like the earlier ones
-    if name == "accuracy":
-        metrics["accuracy"] = scores[-1]
-    metrics["mean_task_score"] = sum(scores) / len(scores)
+        scores.append((name, value))
+    metrics["task_score"] = scores[-1][1]  # the stage's own task, scored like the earlier ones
+    if name in ("accuracy", "exact_match"):
+        metrics["accuracy"] = scores[-1][1]
+    gains = [v for n, v in scores if n != "lm_loss"]  # a loss is no score to average with accuracies
+    if gains:
+        metrics["mean_task_score"] = sum(gains) / len(gains)
     metrics.update(forgetting_metrics(base, model_run, u.params["forgetting"], cfg.device))
     return metrics, result, {"run": folder / "run", "model": model_run, "scan": folder / SCAN_FILE}
 
@@ -75,18 +77,21 @@ def run_continual(u: Unit, folder: Path, store: Store):
 def head_score(head_run: Path, backbone_run: Path, task: str, max_examples: int | None, max_length: int,
                device: str) -> tuple[str, float]:
     """A task's test score with the head trained on it (``head_run``) on another stage's backbone
-    (``lorascope.models.transplant``): how much of task j survives the later stages."""
+    (``lorascope.models.transplant``): how much of task j survives the later stages. A decoder task
+    (prompt/response, text) needs no head: the stage's causal LM itself is scored."""
     from lorascope.data import load_task, subsample
-    from lorascope.evaluate.metrics import score_examples
+    from lorascope.evaluate.metrics import LM_KINDS, score_examples
     from lorascope.models import load_trained, transplant
     from lorascope.runtime import resolve_device
 
     dev = resolve_device(device)
-    head, tokenizer = load_trained(head_run, device=dev)
-    donor, _ = load_trained(backbone_run, device=dev)
-    model = transplant(head, donor).to(dev)
     data = load_task(task)
     test = subsample(data.test, max_examples)
+    donor, tokenizer = load_trained(backbone_run, device=dev)
+    if data.kind in LM_KINDS:
+        return score_examples(donor.to(dev), tokenizer, test, data.kind, max_length, 32, dev)
+    head, tokenizer = load_trained(head_run, device=dev)
+    model = transplant(head, donor).to(dev)
     return score_examples(model, tokenizer, test, data.kind, max_length, 32, dev)
 
 

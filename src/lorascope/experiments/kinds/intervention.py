@@ -4,6 +4,7 @@ intruders left. ``derive`` gives Tables 3-4: the % change against λ = 1 of the 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -30,12 +31,14 @@ class Grid(ArmsGrid):
     # intruder: scale the intruders; neighbour: the control
     controls: Annotated[list[str], each(lambda c: c in CONTROLS, "controls are 'intruder' (scale the "
                                         "intruders) and 'neighbour', not {}")] = list(CONTROLS)
-    which: Literal["top1", "all"] = "top1"  # the highest-ranked intruder per matrix, or all of them
+    # the highest-ranked intruder per matrix, or all of them; a list runs each on the same fine-tunes
+    which: Literal["top1", "all"] | list[Literal["top1", "all"]] = "top1"
     scan_each: bool = True  # scan every λ unit again
 
 
 def plan(cfg: ExperimentConfig) -> list[Unit]:
     g = cfg.grid
+    whichs = [g["which"]] if isinstance(g["which"], str) else list(dict.fromkeys(g["which"]))
     units = []
     for arm in g["methods"]:
         if arm.get("method") not in INTERVENABLE:
@@ -45,13 +48,11 @@ def plan(cfg: ExperimentConfig) -> list[Unit]:
             for seed in cfg.seeds:
                 tuned = train_unit(cfg, arm, task, seed, "intervention")
                 units.append(tuned)
-                for lam in g["lams"]:
-                    for control in g["controls"]:
-                        labels = {**tuned.labels, "lam": float(lam), "control": control, "which": g["which"]}
-                        params = {**shared_params(cfg), "lam": float(lam), "control": control,
-                                  "which": g["which"], "scan_each": bool(g["scan_each"])}
-                        unit = Unit("intervention", "mitigate", labels, tuned.train, params, (tuned.key,))
-                        units.append(unit)
+                for which, lam, control in itertools.product(whichs, g["lams"], g["controls"]):
+                    labels = {**tuned.labels, "lam": float(lam), "control": control, "which": which}
+                    params = {**shared_params(cfg), "lam": float(lam), "control": control,
+                              "which": which, "scan_each": bool(g["scan_each"])}
+                    units.append(Unit("intervention", "mitigate", labels, tuned.train, params, (tuned.key,)))
     return units
 
 
@@ -94,7 +95,10 @@ def _task_score(run_dir: Path, task: str, max_examples: int | None, max_length: 
     r = evaluate(str(run_dir), metric="accuracy", data=task, max_examples=max_examples, max_length=max_length,
                  device=device, progress=False)
     name = r["details"].get("score", "accuracy")
-    return {name: r["tuned"], "task_score": r["tuned"]}
+    out = {name: r["tuned"], "task_score": r["tuned"]}
+    if name == "exact_match":  # a decoder's accuracy, as steps.task_metrics names it
+        out["accuracy"] = r["tuned"]
+    return out
 
 
 ACTIONS = {"mitigate": run_mitigate}
