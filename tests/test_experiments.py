@@ -165,11 +165,11 @@ def test_every_kind_is_one_module_in_the_registry():
     from lorascope.experiments.kinds import KINDS
 
     assert config_module.KINDS == tuple(KINDS) == ("methods", "sweeps", "intervention", "continual", "tracking",
-                                                             "merge")
+                                                             "merge", "mitigations")
     for name, kind in KINDS.items():
         assert kind.__name__ == f"lorascope.experiments.kinds.{name}"
         assert callable(kind.plan) and issubclass(kind.Grid, config_module.Table)
-    assert set(studies.actions()) == {"train", "mitigate", "continual", "merge"}
+    assert set(studies.actions()) == {"train", "mitigate", "continual", "merge", "edit"}
 
 
 def test_example_configs_parse(assets, tmp_path):

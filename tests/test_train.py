@@ -379,7 +379,7 @@ def test_cli_trains_every_variant(tiny, tmp_path):
     assert lora["peft_type"] == "LORA" and lora["r"] == 2 and not lora["use_rslora"] and not lora["use_dora"]
     assert _adapter_config(tmp_path / "rslora")["use_rslora"]
     assert _adapter_config(tmp_path / "dora")["use_dora"]
-    for init in ("pissa", "olora"):  # stored as a plain LoRA of rank 2r on the unchanged base
+    for init in ("pissa", "olora", "milora"):  # stored as a plain LoRA of rank 2r on the unchanged base
         cfg = _adapter_config(tmp_path / init)
         assert cfg["r"] == 4 and cfg["init_lora_weights"] is True
         assert runs[init]["config"]["lora_options"] == {"init_lora_weights": init}
@@ -393,7 +393,8 @@ def test_cli_trains_every_variant(tiny, tmp_path):
     assert ada["total_step"] == runs["adalora"]["history"]["steps"] and ada["rank_pattern"]
     vera = _adapter_config(tmp_path / "vera")
     assert vera["peft_type"] == "VERA" and vera["r"] == 2
-    for method in ("dora", "adalora", "vera", "pissa"):
+    assert _adapter_config(tmp_path / "mica")["init_lora_weights"] == "mica"
+    for method in ("dora", "adalora", "vera", "pissa", "milora", "mica"):
         acc = evaluate(str(tmp_path / method), metric="accuracy", device="cpu", progress=False)
         assert acc["tuned"] == pytest.approx(runs[method]["metrics"]["test_accuracy"]), method
     result = runner.invoke(app, ["train", tiny["bert"], "--task", tiny["toy"], "--out", str(tmp_path / "x"),

@@ -5,6 +5,8 @@
     python examples/experiments/paper/tables.py sweeps RUNS/encoder_lr_sweep
     python examples/experiments/paper/tables.py continual RUNS/encoder_continual
     python examples/experiments/paper/tables.py decoder RUNS/decoder_methods RUNS/decoder_lr_sweep
+    python examples/experiments/paper/tables.py inits RUNS/encoder_inits
+    python examples/experiments/paper/tables.py mitigations RUNS/encoder_mitigations
 """
 
 from __future__ import annotations
@@ -147,6 +149,51 @@ def decoder(*stores: str) -> None:
               + json.dumps(s["per_module_type"]) + "; per layer " + json.dumps(s["per_layer"]))
 
 
+INITS = ["lora", "pissa", "olora", "milora", "mica", "dora", "loraplus", "lora-a-frozen"]
+
+
+def inits(store: str) -> None:
+    """One row per (init or variant, task): accuracy, intruders at three ε, update size, forgetting."""
+    recs = sorted(records(store), key=lambda r: (r["unit"]["task"], INITS.index(r["unit"]["method"])))
+    rows = []
+    for r in recs:
+        m, scan = r["metrics"], ScanResult.load(Path(store) / r["scan"])
+        counts = [scan.summary(epsilon=e)["sides"]["left"]["n_intruders"] for e in (0.3, 0.5, 0.7)]
+        ratio = [x.delta_singular_values[0] / x.base_singular_values[9] for x in scan.matrices]
+        rows.append([r["unit"]["task"], r["unit"]["method"], f"{m['accuracy']:.3f}", *counts,
+                     m["matrices_with_intruders"], f"{statistics.median(ratio):.3f} / {max(ratio):.2f}",
+                     f"{m['effective_rank']:.2f}", f"{m['sts_change_pct']:+.1f}", f"{m['drift']:.3f}",
+                     m["trainable_params"]])
+    print(table(["task", "init / variant", "accuracy", "intruders ε=0.3", "ε=0.5", "ε=0.7",
+                 "matrices with intruders (ε=0.5)", "σ1(ΔW)/σ10(W0) median / max", "eff. rank ΔW",
+                 "STS-B Δ %", "drift", "trainable"], rows))
+
+
+def mitigations(store: str) -> None:
+    """The fine-tune and its three λ edits: task, forgetting, intruders left, distance from the exact edit."""
+    recs = records(store)
+    tuned = next(r for r in recs if r["action"] == "train")
+    edits = {r["unit"]["edit"]: r for r in recs if r["action"] == "edit"}
+    names = {"exact": "ours `--which all` (exact, rank r + \\|I\\|)", "compress": "ours `--which all --compress 1`",
+             "peft": "PEFT `reduce_intruder_dimension`"}
+
+    def counts(r: dict) -> str:
+        scan = ScanResult.load(Path(store) / r["scan"])
+        return " / ".join(str(scan.summary(epsilon=e)["sides"]["left"]["n_intruders"]) for e in (0.3, 0.5, 0.7))
+
+    t = tuned["metrics"]
+    rows = [["fine-tune (λ = 1)", "", f"{t['accuracy']:.3f}", f"{t['sts_change_pct']:+.1f}", f"{t['drift']:.3f}",
+             counts(tuned), "", ""]]
+    for name in ("exact", "compress", "peft"):
+        m = edits[name]["metrics"]
+        dist = f"{m['rel_distance']:.2e} / {m['max_rel_distance']:.2e}" if "rel_distance" in m else "0"
+        rows.append([names[name], f"{edits[name]['unit']['lam']:g}", f"{m['accuracy']:.3f}",
+                     f"{m['sts_change_pct']:+.1f}", f"{m['drift']:.3f}", counts(edits[name]), dist,
+                     f"{m['task_score_peft_head']:.3f}" if "task_score_peft_head" in m else ""])
+    print(table(["model", "λ", "SST-2 accuracy", "STS-B Δ %", "drift", "intruders ε=0.3 / 0.5 / 0.7",
+                 "‖ΔW'−ΔW'_exact‖/‖ΔW'_exact‖ all / worst matrix", "accuracy with PEFT's head"], rows))
+
+
 if __name__ == "__main__":
     {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual,
-     "decoder": decoder}[sys.argv[1]](*sys.argv[2:])
+     "decoder": decoder, "inits": inits, "mitigations": mitigations}[sys.argv[1]](*sys.argv[2:])

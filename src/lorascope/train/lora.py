@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_json
-from lorascope.train.config import TrainConfig
+from lorascope.train.config import MILORA, TrainConfig
 
 BLOCK_LINEAR = re.compile(r".*\.\d+\.")  # inside a numbered transformer block: layer.3., layers.3., h.3.
 
@@ -49,8 +49,12 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_s
     """
     target = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
     new_modules = sorted({key.rsplit(".", 1)[0] for key in getattr(model, "lorascope_new_weights", [])})
+    options = dict(cfg.lora_options)
+    minor = options.get("init_lora_weights") == MILORA
+    if minor:  # not a peft init: peft builds a default LoRA, then milora_init replaces it
+        options["init_lora_weights"] = True
     common = dict(task_type=TaskType.CAUSAL_LM if objective == "lm" else TaskType.SEQ_CLS, target_modules=target,
-                  modules_to_save=new_modules or None, bias="none", **cfg.lora_options)
+                  modules_to_save=new_modules or None, bias="none", **options)
     if cfg.tuner == "vera":
         lora = VeraConfig(r=cfg.rank, vera_dropout=cfg.lora_dropout, **common)
     elif cfg.tuner == "adalora":
@@ -65,11 +69,38 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_s
         model = get_peft_model(model, lora)
     except ValueError as e:
         raise InputError(f"cannot apply LoRA with target modules {target!r}: {e}") from e
+    if minor:
+        milora_init(model)
+        model.peft_config["default"].init_lora_weights = MILORA  # marks the base as mutated (tracker, save)
     if cfg.freeze_lora_a:
         for name, p in model.named_parameters():
             if ".lora_A." in name:
                 p.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def milora_init(model: torch.nn.Module, adapter: str = "default") -> None:
+    """MiLoRA (Wang et al. 2024, arXiv 2406.09044): PiSSA's init on the *minor* singular components.
+
+    With W = U S Vᵀ (float64) and the r smallest singular triplets (U_r, S_r, V_r), scaling s:
+    A = diag(√(S_r / s)) V_rᵀ, B = U_r diag(√(S_r / s)) and the base becomes W_res = W − s B A, so the
+    model is unchanged at init. PEFT's ``pissa_init`` with the last r triplets instead of the first.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and adapter in m.lora_A]
+    if not layers or any(m.fan_in_fan_out for m in layers):
+        raise InputError("milora: needs LoRA on Linear layers (not Conv1D / embeddings)")
+    for layer in layers:
+        weight = layer.get_base_layer().weight
+        r, s = layer.r[adapter], layer.scaling[adapter]
+        U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        root = (S[-r:] / s).sqrt()
+        A, B = root[:, None] * Vh[-r:], U[:, -r:] * root
+        layer.lora_A[adapter].weight.copy_(A)
+        layer.lora_B[adapter].weight.copy_(B)
+        weight.copy_(weight.double() - s * B @ A)
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:

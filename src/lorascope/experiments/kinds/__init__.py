@@ -20,5 +20,6 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("methods", "sweeps", "intervention", "continual", "tracking", "merge")  # a new kind: one file, one name here
+# a new kind: one file, one name here
+NAMES = ("methods", "sweeps", "intervention", "continual", "tracking", "merge", "mitigations")
 KINDS: dict[str, ModuleType] = {name: importlib.import_module(f"{__name__}.{name}") for name in NAMES}

@@ -76,7 +76,7 @@ def run_mitigate(u: Unit, folder: Path, store: Store):
                                "n_intruders_before": summary["n_intruders"],
                                "max_rel_error": summary["max_rel_error"]}
     train = u.train
-    metrics.update(_task_score(folder / "run", train["task"], train.get("max_eval_examples"),
+    metrics.update(task_score(folder / "run", train["task"], train.get("max_eval_examples"),
                                train.get("max_length", 128), device))
     scan = None
     if u.params["scan_each"]:
@@ -89,7 +89,7 @@ def run_mitigate(u: Unit, folder: Path, store: Store):
     return metrics, scan, paths
 
 
-def _task_score(run_dir: Path, task: str, max_examples: int | None, max_length: int, device: str) -> dict:
+def task_score(run_dir: Path, task: str, max_examples: int | None, max_length: int, device: str) -> dict:
     from lorascope.evaluate import evaluate
 
     r = evaluate(str(run_dir), metric="accuracy", data=task, max_examples=max_examples, max_length=max_length,
