@@ -12,7 +12,7 @@ from typing import Any
 METHOD_NAMES = {
     "lora": "LoRA", "full": "full fine-tuning", "dora": "DoRA", "pissa": "PiSSA", "olora": "OLoRA",
     "loraplus": "LoRA+", "lora-a-frozen": "LoRA (A frozen)", "rslora": "rsLoRA", "adalora": "AdaLoRA",
-    "vera": "VeRA",
+    "vera": "VeRA", "milora": "MiLoRA", "mica": "MiCA",
 }
 METHOD_KEYS = ("method", "rank", "alpha", "lr", "rslora", "loraplus_lr_ratio")
 # lorascope merge --method (merging/options.py: METHOD_NAMES), as the papers write them
