@@ -109,13 +109,18 @@ def test_evaluate_output_never_replaces_weights(pair, capsys):
     assert weights.read_bytes() == before
 
 
-def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
-    base, adapter, tmp = pair
-    broken = tmp / "broken"
+def _adapter_without(adapter: Path, broken: Path, drop) -> None:
+    """A copy of the adapter folder without the tensors ``drop(name)`` selects."""
     broken.mkdir()
     (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     sd = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({k: v for k, v in sd.items() if "lora_B" not in k}, str(broken / "adapter_model.safetensors"))
+    save_file({k: v for k, v in sd.items() if not drop(k)}, str(broken / "adapter_model.safetensors"))
+
+
+def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
+    base, adapter, tmp = pair
+    broken = tmp / "broken"
+    _adapter_without(adapter, broken, lambda k: "lora_B" in k)
     code, err = run_cli(["scan", str(base), str(broken)], capsys)
     assert code == 2 and "lora_B" in err and "adapter_model.safetensors" in err, err
     code, err = run_cli(["mitigate", str(base), str(broken), "--out", str(tmp / "m")], capsys)
@@ -125,11 +130,8 @@ def test_a_lora_without_its_b_factor_is_an_error(pair, capsys):
 def test_a_lora_missing_one_modules_b_factor_is_an_error(pair, capsys):
     base, adapter, tmp = pair
     broken = tmp / "one"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
-    sd = load_file(str(adapter / "adapter_model.safetensors"))
-    gone = sorted(k for k in sd if "lora_B" in k)[0]
-    save_file({k: v for k, v in sd.items() if k != gone}, str(broken / "adapter_model.safetensors"))
+    gone = sorted(k for k in load_file(str(adapter / "adapter_model.safetensors")) if "lora_B" in k)[0]
+    _adapter_without(adapter, broken, lambda k: k == gone)
     code, err = run_cli(["scan", str(base), str(broken)], capsys)
     assert code == 2 and gone.removeprefix("base_model.model.").rsplit(".lora_B", 1)[0] in err and "lora_B" in err, err
 
