@@ -37,3 +37,18 @@ def build(root: Path) -> Path:
                "grid": grid}
         run_experiment(parse_config(raw, root), root / "results" / kind, resume=True, log=lambda line: None)
     return root / "results"
+
+
+def merge_study(root: Path):
+    """A tiny merge study (two tasks, task arithmetic and EMR, a λ arm for TIES) run in ROOT/store;
+    returns the run's report."""
+    from lorascope.experiments import parse_config, run_experiment
+    from lorascope.experiments.tiny import write_tiny_assets
+
+    write_tiny_assets(root)
+    raw = {"kind": "merge", "name": "t_merge", "model": "tiny/bert", "tasks": ["tiny/sentiment", "tiny/topics"],
+           "train": {"epochs": 2, "max_length": 16, "lr": 2e-2, "device": "cpu", "max_eval_examples": 16},
+           "scan": {"k": 4}, "forgetting": {"data": "tiny/corpus.txt", "max_examples": 6},
+           "grid": {"methods": [{"method": "lora", "rank": 4}], "merges": ["task_arithmetic", "emr"],
+                    "lams": [0.5], "lam_merges": ["ties"]}}
+    return run_experiment(parse_config(raw, root), root / "store", log=lambda line: None)

@@ -367,16 +367,9 @@ def test_cli_merge(tiny, tmp_path, monkeypatch, capsys):
 # -- the merge study on tiny assets -----------------------------------------------------------------------------
 @pytest.mark.slow  # ~20 s: two tiny trainings, three merges, each scored and scanned
 def test_merge_study_on_tiny_assets(tmp_path, one_thread):
-    from lorascope.experiments import parse_config, run_experiment
-    from lorascope.experiments.tiny import write_tiny_assets
+    import report_inputs
 
-    write_tiny_assets(tmp_path)
-    raw = {"kind": "merge", "name": "t_merge", "model": "tiny/bert", "tasks": ["tiny/sentiment", "tiny/topics"],
-           "train": {"epochs": 2, "max_length": 16, "lr": 2e-2, "device": "cpu", "max_eval_examples": 16},
-           "scan": {"k": 4}, "forgetting": {"data": "tiny/corpus.txt", "max_examples": 6},
-           "grid": {"methods": [{"method": "lora", "rank": 4}], "merges": ["task_arithmetic", "emr"],
-                    "lams": [0.5], "lam_merges": ["ties"]}}
-    report = run_experiment(parse_config(raw, tmp_path), tmp_path / "store", log=lambda line: None)
+    report = report_inputs.merge_study(tmp_path)
     records = [json.loads(x) for x in (tmp_path / "store" / "records.jsonl").read_text().splitlines()]
     merges = {(r["unit"]["merge"], r["unit"]["lam"]): r["metrics"] for r in records if r["action"] == "merge"}
     assert set(merges) == {("task_arithmetic", None), ("emr", None), ("ties", 0.5)} and not report.remaining

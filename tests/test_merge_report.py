@@ -185,16 +185,9 @@ def test_labels_name_merges():
 def test_merge_study_store_renders_its_section(tmp_path, one_thread):
     """The store of tests/test_merge.py::test_merge_study_on_tiny_assets: one row and one point per merge,
     the numbers of summary.json; its λ arm is not taken for a λ sweep of the intervention study."""
-    from lorascope.experiments import parse_config, run_experiment
-    from lorascope.experiments.tiny import write_tiny_assets
+    import report_inputs
 
-    write_tiny_assets(tmp_path)
-    raw = {"kind": "merge", "name": "t_merge", "model": "tiny/bert", "tasks": ["tiny/sentiment", "tiny/topics"],
-           "train": {"epochs": 2, "max_length": 16, "lr": 2e-2, "device": "cpu", "max_eval_examples": 16},
-           "scan": {"k": 4}, "forgetting": {"data": "tiny/corpus.txt", "max_examples": 6},
-           "grid": {"methods": [{"method": "lora", "rank": 4}], "merges": ["task_arithmetic", "emr"],
-                    "lams": [0.5], "lam_merges": ["ties"]}}
-    run_experiment(parse_config(raw, tmp_path), tmp_path / "store", log=lambda line: None)
+    report_inputs.merge_study(tmp_path)
     page = build_report(tmp_path / "store", tmp_path / "report.html").read_text()
     body = section(page, "merge-study")
     (png,) = images(body)
