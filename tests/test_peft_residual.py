@@ -34,6 +34,13 @@ def save_residual(folder):
     return train
 
 
+def relabel_init(adapter, init) -> None:
+    """Rewrite the adapter's init_lora_weights, leaving its factors as they are."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = init
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_reconstructed_residual_equals_peft_init(init):
     """M = W_0 − W_res rebuilt from W_0 alone matches PEFT's own init on the same weights."""
@@ -71,9 +78,7 @@ def test_default_saved_adapter_equals_merged_oracle(tmp_path, one_thread, init, 
     assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] == init
     assert_matches_oracle(base, adapter, merged)
     # read as a plain LoRA on the original base (the old, silent behaviour) it would differ
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["init_lora_weights"] = True
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    relabel_init(adapter, True)
     with pytest.raises(AssertionError):
         assert_matches_oracle(base, adapter, merged)
 
@@ -129,9 +134,7 @@ def test_data_dependent_inits_are_refused_without_residual(tmp_path, init, why):
     (The adapter is a PiSSA one with its init relabelled: PEFT needs data to build the real ones.)"""
     residual = tmp_path / "residual"
     base, adapter, merged = build(tmp_path, lora(init_lora_weights="pissa"), train=save_residual(residual))
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["init_lora_weights"] = init
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    relabel_init(adapter, init)
     with pytest.raises(InputError, match=rf"init_lora_weights='{init}'.*{why}.*residual"):
         scan(str(base), str(adapter), k=4)
     assert_matches_oracle(base, adapter, merged, residual_base=str(residual))
@@ -204,9 +207,7 @@ def test_relabelled_pissa_adapter_warns(tmp_path, one_thread):
         perturb(pm, scale=0.01)  # training moves the factors a little from their PiSSA init
 
     base, adapter, merged = build(tmp_path, lora(init_lora_weights="pissa"), train=train)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["init_lora_weights"] = True
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    relabel_init(adapter, True)
     with pytest.warns(UserWarning, match=r"close to what a PISSA init moves out of W_0.*--residual-base"):
         scan(str(base), str(adapter), k=4)
     assert_matches_oracle(base, adapter, merged, residual_base=str(residual))
