@@ -379,10 +379,11 @@ def test_cli_trains_every_variant(tiny, tmp_path):
     assert lora["peft_type"] == "LORA" and lora["r"] == 2 and not lora["use_rslora"] and not lora["use_dora"]
     assert _adapter_config(tmp_path / "rslora")["use_rslora"]
     assert _adapter_config(tmp_path / "dora")["use_dora"]
-    for init in ("pissa", "olora", "milora"):  # stored as a plain LoRA of rank 2r on the unchanged base
-        cfg = _adapter_config(tmp_path / init)
+    for init in ("pissa", "olora", "milora", "corda", "lora_ga"):  # a plain LoRA of rank 2r on the unchanged base
+        method = init.replace("_", "-")
+        cfg = _adapter_config(tmp_path / method)
         assert cfg["r"] == 4 and cfg["init_lora_weights"] is True
-        assert runs[init]["config"]["lora_options"] == {"init_lora_weights": init}
+        assert runs[method]["config"]["lora_options"] == {"init_lora_weights": init}
     assert runs["loraplus"]["config"]["loraplus_lr_ratio"] == 16.0
     # only B trains: A's parameters (r x in of every adapted matrix) leave the trainable count
     a_params = sum(v.numel() for k, v in load_file(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
@@ -394,7 +395,7 @@ def test_cli_trains_every_variant(tiny, tmp_path):
     vera = _adapter_config(tmp_path / "vera")
     assert vera["peft_type"] == "VERA" and vera["r"] == 2
     assert _adapter_config(tmp_path / "mica")["init_lora_weights"] == "mica"
-    for method in ("dora", "adalora", "vera", "pissa", "milora", "mica"):
+    for method in ("dora", "adalora", "vera", "pissa", "milora", "mica", "corda", "lora-ga"):
         acc = evaluate(str(tmp_path / method), metric="accuracy", device="cpu", progress=False)
         assert acc["tuned"] == pytest.approx(runs[method]["metrics"]["test_accuracy"]), method
     result = runner.invoke(app, ["train", tiny["bert"], "--task", tiny["toy"], "--out", str(tmp_path / "x"),

@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "olora": {"method": "lora", "lora_options": {"init_lora_weights": "olora"}},  # Büyükakyüz 2024
     "milora": {"method": "lora", "lora_options": {"init_lora_weights": "milora"}},  # Wang et al. 2024 (ours)
     "mica": {"method": "lora", "lora_options": {"init_lora_weights": "mica"}},  # peft: minor B frozen, A = 0
+    "corda": {"method": "lora", "lora_options": {"init_lora_weights": "corda"}},  # Yang et al. 2024 (IPM)
+    "lora-ga": {"method": "lora", "lora_options": {"init_lora_weights": "lora_ga"}},  # Wang et al. 2024
     "loraplus": {"method": "lora", "loraplus_lr_ratio": DEFAULT_LORAPLUS_RATIO},  # Hayou et al. 2024
     "lora-a-frozen": {"method": "lora", "freeze_lora_a": True},  # paper §7: only B is trained
     "adalora": {"method": "lora", "tuner": "adalora"},  # Zhang et al. 2023: ranks re-allocated in training
@@ -47,6 +49,8 @@ OBJECTIVES = ("auto", "classify", "lm")
 PRECISIONS = ("auto", "fp32", "bf16")
 MILORA = "milora"  # minor singular components (not a peft init: train.lora.milora_init)
 MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", MILORA)  # LoRA inits that move part of W into the adapter
+CALIBRATED_INITS = ("corda", "lora_ga")  # peft inits that first run the model on training batches
+CALIBRATION_BATCHES = 8  # of the training set, in order: CorDA's input covariance, LoRA-GA's gradient
 # Set by the recipe itself; everything else in lora_options goes to peft's LoraConfig as given.
 LORA_FIXED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save", "bias",
               "task_type"}

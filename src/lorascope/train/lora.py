@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lorascope.errors import InputError
 from lorascope.io.writers import atomic_write_json
-from lorascope.train.config import MILORA, TrainConfig
+from lorascope.train.config import CALIBRATED_INITS, MILORA, TrainConfig
 
 BLOCK_LINEAR = re.compile(r".*\.\d+\.")  # inside a numbered transformer block: layer.3., layers.3., h.3.
 
@@ -35,8 +36,8 @@ def default_target_modules(model: torch.nn.Module) -> str:
     return r".*\.\d+\.(?:.*\.)?(?:" + "|".join(sorted(leaves)) + r")$"
 
 
-def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_steps: int | None = None
-               ) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_steps: int | None = None,
+               calibration: Iterable[dict[str, torch.Tensor]] | None = None) -> torch.nn.Module:
     """Wrap with the run's peft tuner (``cfg.tuner``). For classification the head is trained and saved
     (``modules_to_save``), and so is any other module the checkpoint lacked (e.g. BERT's pooler when
     starting from an MLM).
@@ -46,6 +47,12 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_s
       over ``total_steps`` (peft's cubic schedule; :func:`~lorascope.train.recipes.fit` calls
       ``update_and_allocate`` every step);
     - vera: W + diag(b) B diag(d) A with A, B frozen random projections shared by all layers; no α.
+
+    CorDA and LoRA-GA first run the model on ``calibration`` (training batches on the model's device):
+    CorDA (IPM, PEFT's default) on each layer's input covariance C (per sequence, scaled by |max x|,
+    averaged, damped by 1 % of its mean diagonal), adapter = the top r of the SVD of W C, times C⁻¹;
+    LoRA-GA on the full fine-tune's gradient G of W (train mode), A from G's top r right singular
+    vectors, B from its left ones r..2r. Both leave W − s·B₀A₀ as the base.
     """
     target = cfg.target_modules if cfg.target_modules is not None else default_target_modules(model)
     new_modules = sorted({key.rsplit(".", 1)[0] for key in getattr(model, "lorascope_new_weights", [])})
@@ -65,6 +72,8 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_s
     else:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.rslora,
                           **common)
+    if options.get("init_lora_weights") in CALIBRATED_INITS:
+        _calibrate(model, lora, calibration)
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
@@ -77,6 +86,41 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig, objective: str, total_s
             if ".lora_A." in name:
                 p.requires_grad_(False)
     return model
+
+
+def _calibrate(model: torch.nn.Module, lora: LoraConfig, calibration: Iterable[dict[str, torch.Tensor]] | None
+               ) -> None:
+    """PEFT's preprocessing for the inits that read data (``preprocess_corda``, ``preprocess_loraga``)."""
+    init = lora.init_lora_weights
+    batches = list(calibration or [])
+    if not batches:
+        raise InputError(f"init_lora_weights={init!r} needs calibration batches (the training set's first few)")
+    if init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        lora.corda_config = lora.corda_config or CordaConfig()
+
+        @torch.no_grad()
+        def run_model() -> None:  # peft's hook takes one unpadded sequence per call
+            for batch in batches:
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                    model(input_ids=ids[mask.bool()][None])
+
+        preprocess_corda(model, lora, run_model=run_model)
+    else:
+        try:
+            from peft.tuners.lora.config import LoraGAConfig
+            from peft.tuners.lora.loraga import preprocess_loraga
+        except ImportError as e:
+            raise InputError(f"init_lora_weights='lora_ga' needs a peft with LoRA-GA (0.18 or later): {e}") from e
+        lora.lora_ga_config = lora.lora_ga_config or LoraGAConfig()
+
+        def train_step() -> None:  # gradients summed over the batches; peft averages them by backward count
+            for batch in batches:
+                model(**batch).loss.backward()
+
+        preprocess_loraga(model, lora, train_step=train_step)
 
 
 @torch.no_grad()

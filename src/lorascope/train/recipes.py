@@ -8,6 +8,7 @@ transformers models and peft adapters; nothing hand-written beyond the loop.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -39,6 +40,8 @@ from lorascope.models import (
 )
 from lorascope.runtime import library_versions, resolve_device
 from lorascope.train.config import (  # noqa: F401 - re-exported: lorascope.train.recipes.<name> keeps working
+    CALIBRATED_INITS,
+    CALIBRATION_BATCHES,
     FULL_LR,
     LORA_LR_TIMES_ALPHA,
     METHODS,
@@ -264,7 +267,13 @@ def fine_tune(config: TrainConfig, *, progress: bool = True, callbacks: Sequence
     loader = make_loader(features, cfg.batch_size, tokenizer, shuffle=True, seed=cfg.seed)
     initial = None
     if cfg.method == "lora":
-        model = apply_lora(model, cfg, objective, total_steps=cfg.epochs * len(loader))
+        calibration = None
+        if cfg.lora_options.get("init_lora_weights") in CALIBRATED_INITS:  # CorDA, LoRA-GA read data first
+            model.to(device)
+            ordered = make_loader(features, cfg.batch_size, tokenizer, shuffle=False)
+            calibration = [{k: v.to(device) for k, v in b.items()}
+                           for b in itertools.islice(ordered, CALIBRATION_BATCHES)]
+        model = apply_lora(model, cfg, objective, total_steps=cfg.epochs * len(loader), calibration=calibration)
         initial = lora_factors(model) if mutates_base(cfg) else None
     model.to(device)
     trainable, total = count_parameters(model)
