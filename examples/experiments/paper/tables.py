@@ -6,6 +6,7 @@
     python examples/experiments/paper/tables.py continual RUNS/encoder_continual
     python examples/experiments/paper/tables.py decoder RUNS/decoder_methods RUNS/decoder_lr_sweep
     python examples/experiments/paper/tables.py inits RUNS/encoder_inits
+    python examples/experiments/paper/tables.py inits-matched RUNS/encoder_inits_matched   # or decoder_inits
     python examples/experiments/paper/tables.py mitigations RUNS/encoder_mitigations
 """
 
@@ -149,7 +150,7 @@ def decoder(*stores: str) -> None:
               + json.dumps(s["per_module_type"]) + "; per layer " + json.dumps(s["per_layer"]))
 
 
-INITS = ["lora", "pissa", "olora", "milora", "mica", "dora", "loraplus", "lora-a-frozen"]
+INITS = ["lora", "pissa", "olora", "milora", "corda", "lora-ga", "mica", "dora", "loraplus", "lora-a-frozen"]
 
 
 def inits(store: str) -> None:
@@ -167,6 +168,64 @@ def inits(store: str) -> None:
     print(table(["task", "init / variant", "accuracy", "intruders ε=0.3", "ε=0.5", "ε=0.7",
                  "matrices with intruders (ε=0.5)", "σ1(ΔW)/σ10(W0) median / max", "eff. rank ΔW",
                  "STS-B Δ %", "drift", "trainable"], rows))
+
+
+def task_score(m: dict) -> float:
+    return m["accuracy"] if "accuracy" in m else m["test_exact_match"]
+
+
+def matched(recs: list[dict], slack: float = 0.01) -> tuple[float, dict[str, dict]]:
+    """Matched task accuracy over the units of one task: the target is the lowest of the arms' best scores,
+    less ``slack``; each arm is taken at its lowest learning rate that reaches it."""
+    arms: dict[str, list[dict]] = {}
+    for r in recs:
+        arms.setdefault(r["unit"]["method"], []).append(r)
+    target = min(max(task_score(r["metrics"]) for r in rs) for rs in arms.values()) - slack
+    return target, {a: min((r for r in rs if task_score(r["metrics"]) >= target), key=lambda r: r["unit"]["lr"])
+                    for a, rs in arms.items()}
+
+
+def inits_matched(store: str) -> None:
+    """Per task, every init / variant at matched task score (:func:`matched`): intruders at three ε,
+    update size and forgetting; then the counts summed over tasks, and every unit."""
+    recs = records(store)
+    tasks = sorted({r["unit"]["task"] for r in recs}, key=lambda t: TASKS.index(t) if t in TASKS else 99)
+    decoder = "lm-loss" in recs[0]["metrics"]
+    forget = ["WikiText-2 loss", "Δ perplexity %"] if decoder else ["STS-B Δ %", "drift"]
+
+    def forgetting(m: dict) -> list[str]:
+        if decoder:
+            return [f"{m['lm-loss']:.3f}", f"{100 * (math.exp(m['lm-loss'] - m['lm-loss_base']) - 1):+.1f}"]
+        return [f"{m['sts_change_pct']:+.1f}", f"{m['drift']:.3f}"]
+
+    def counts(r: dict) -> list[int]:
+        scan = ScanResult.load(Path(store) / r["scan"])
+        return [scan.summary(epsilon=e)["sides"]["left"]["n_intruders"] for e in (0.3, 0.5, 0.7)]
+
+    totals: dict[str, list] = {}
+    rows = []
+    for t in tasks:
+        target, chosen = matched([r for r in recs if r["unit"]["task"] == t])
+        for a in sorted(chosen, key=INITS.index):
+            r = chosen[a]
+            c = counts(r)
+            tot = totals.setdefault(a, [0, 0, 0, 0, 0.0])
+            tot[:3] = [x + y for x, y in zip(tot[:3], c, strict=True)]
+            tot[3] += 1
+            tot[4] += task_score(r["metrics"])
+            rows.append([t, f"{target:.3f}", a, f"{r['unit']['lr']:g}", f"{task_score(r['metrics']):.3f}", *c,
+                         r["metrics"]["matrices_with_intruders"], *forgetting(r["metrics"])])
+    print(table(["task", "target", "init / variant", "lr", "score", "intruders ε=0.3", "ε=0.5", "ε=0.7",
+                 "matrices with intruders (ε=0.5)", *forget], rows))
+    print("\n" + table(["init / variant", "tasks", "mean score", "intruders ε=0.3", "ε=0.5", "ε=0.7"],
+                       [[a, v[3], f"{v[4] / v[3]:.3f}", *v[:3]] for a, v in sorted(totals.items(),
+                                                                                   key=lambda kv: INITS.index(kv[0]))]))
+    print("\nEvery unit:\n")
+    every = sorted(recs, key=lambda r: (tasks.index(r["unit"]["task"]), INITS.index(r["unit"]["method"]),
+                                        r["unit"]["lr"]))
+    print(table(["task", "init / variant", "lr", "score", "intruders ε=0.3", "ε=0.5", "ε=0.7", *forget],
+                [[r["unit"]["task"], r["unit"]["method"], f"{r['unit']['lr']:g}", f"{task_score(r['metrics']):.3f}",
+                  *counts(r), *forgetting(r["metrics"])] for r in every]))
 
 
 def mitigations(store: str) -> None:
@@ -196,4 +255,5 @@ def mitigations(store: str) -> None:
 
 if __name__ == "__main__":
     {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual,
-     "decoder": decoder, "inits": inits, "mitigations": mitigations}[sys.argv[1]](*sys.argv[2:])
+     "decoder": decoder, "inits": inits, "inits-matched": inits_matched,
+     "mitigations": mitigations}[sys.argv[1]](*sys.argv[2:])
