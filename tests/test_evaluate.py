@@ -178,6 +178,29 @@ def test_sliding_window_nll_matches_a_per_token_loop():
     assert n == len(ids) - 1 and nll == pytest.approx(expected, abs=1e-4)
 
 
+def test_windows_after_the_first_start_with_the_bos_token():
+    """With ``bos``, each token p is scored from BOS + the window's tokens before p (a per-token loop with
+    windows of max_length - 1 stream tokens); lm_loss passes it when the tokenizer put BOS in front."""
+    torch.manual_seed(1)
+    model, tok = tiny_model("llama").eval(), tiny_tokenizer("llama")
+    bos = 0
+    ids = [bos] + tok("the film was good . " * 6)["input_ids"]
+    length, stride = 8, 3
+    span = length - 1
+    expected = 0.0
+    with torch.no_grad():
+        for p in range(1, len(ids)):
+            begin = 0 if p < span else next(b for b in range(0, p, stride) if b + span > p)
+            context = ids[begin:p] if begin == 0 else [bos] + ids[begin:p]
+            logits = model(input_ids=torch.tensor([context])).logits[0, -1]
+            expected -= torch.log_softmax(logits, -1)[ids[p]].item()
+    nll, n = lm_nll(model, ids, length, stride, batch_size=3, bos=bos)
+    assert n == len(ids) - 1 and nll == pytest.approx(expected, abs=1e-4)
+    assert nll != pytest.approx(lm_nll(model, ids, length, stride, batch_size=3)[0], abs=1e-3)
+    with pytest.raises(InputError, match="starts with"):
+        lm_nll(model, ids[1:], length, stride, bos=bos)
+
+
 # ------------------------------------------------------------------------------------ evaluate()
 
 

@@ -276,31 +276,41 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
 @torch.inference_mode()
 def lm_nll(
     model: torch.nn.Module, input_ids: Sequence[int], max_length: int, stride: int | None = None,
-    batch_size: int = 4, device: torch.device | str = "cpu", progress: bool = False,
+    batch_size: int = 4, device: torch.device | str = "cpu", progress: bool = False, bos: int | None = None,
 ) -> tuple[float, int]:
     """(summed NLL, scored tokens) of one token stream under a causal LM, with sliding windows.
 
     In a window [b, e) the logits at position p - b - 1 predict token p, for p from the window's first
-    scored position to e - 1.
+    scored position to e - 1. With ``bos`` (the stream starts with it), every later window starts with
+    it too, unscored, as the model saw in training: the first tokens of a window without it are
+    scored from a context the model never had (Gemma 3 270M: 4.83 nats instead of 4.12 on the first
+    1,200 WikiText-2 test tokens); windows are then ``max_length - 1`` tokens of the stream.
     """
     model.eval()
     device = torch.device(device)
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)
     if len(ids) < 2:
         raise InputError("the text has fewer than 2 tokens; nothing to score")
-    windows = sliding_windows(len(ids), max_length, stride or max(1, max_length // 2))
+    if bos is not None and int(ids[0]) != bos:
+        raise InputError(f"bos={bos} is given but the token stream starts with {int(ids[0])}")
+    span = max_length - 1 if bos is not None else max_length
+    windows = sliding_windows(len(ids), span, stride or max(1, span // 2))
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc="lm-loss", disable=not progress, leave=False):
         chunk = windows[start : start + batch_size]
-        length = max(e - b for b, e, _ in chunk)
+        lead = [int(bos is not None and b > 0) for b, _, _ in chunk]  # a BOS put in front of the window
+        length = max(e - b + x for (b, e, _), x in zip(chunk, lead, strict=True))
         batch = torch.zeros((len(chunk), length), dtype=torch.long)
         attention = torch.zeros_like(batch)
-        for row, (b, e, _) in enumerate(chunk):
-            batch[row, : e - b] = ids[b:e]
-            attention[row, : e - b] = 1
+        for row, ((b, e, _), x) in enumerate(zip(chunk, lead, strict=True)):
+            if x:
+                batch[row, 0] = bos
+            batch[row, x : x + e - b] = ids[b:e]
+            attention[row, : x + e - b] = 1
         logits = model(input_ids=batch.to(device), attention_mask=attention.to(device)).logits
         # Scored positions only, on the device: the full-vocabulary log-softmax of a batch is GBs.
-        rows = [logits[row, first - b - 1 : e - b - 1] for row, (b, e, first) in enumerate(chunk)]
+        rows = [logits[row, x + first - b - 1 : x + e - b - 1]
+                for row, ((b, e, first), x) in enumerate(zip(chunk, lead, strict=True))]
         targets = torch.cat([ids[first:e] for _, e, first in chunk]).to(device)
         total += float(F.cross_entropy(torch.cat(rows).float(), targets, reduction="sum"))
         count += len(targets)
@@ -312,11 +322,14 @@ def lm_loss(
     stride: int | None = None, **kw: Any,
 ) -> tuple[float, float, int]:
     """(mean NLL per token, perplexity, scored tokens) of ``text``; ``max_length`` defaults to the
-    model's context (at most 1024) and ``stride`` to half of it."""
+    model's context (at most 1024) and ``stride`` to half of it. A tokenizer that puts a BOS token in
+    front of the text has it in front of every window (:func:`lm_nll`)."""
     if max_length is None:
         config = model.config
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 1024)
         max_length = min(int(context), 1024)
     ids = tokenizer(text, verbose=False)["input_ids"]  # one long stream: no length warning
-    nll, n = lm_nll(model, ids, max_length, stride, **kw)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts_with_bos = bos is not None and len(ids) > 0 and ids[0] == bos  # the tokenizer adds one (Gemma, LLaMA)
+    nll, n = lm_nll(model, ids, max_length, stride, bos=bos if starts_with_bos else None, **kw)
     return nll / n, math.exp(nll / n), n
