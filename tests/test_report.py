@@ -227,7 +227,7 @@ def test_experiment_report(tmp_path):
 
     (cont,) = tables.continual_groups(data.records)
     ctable = tables.continual_table(cont, 0)
-    assert ctable.columns[:5] == ["stage", "task trained", "acc t1", "acc t2", "acc t3"]
+    assert ctable.columns[:5] == ["stage", "task trained", "score t1", "score t2", "score t3"]
     assert [r[2] for r in ctable.rows] == [0.90, 0.80, 0.70] and ctable.rows[0][3] is None
     assert [r[-1] for r in ctable.rows] == [2, 5, 9]
 
@@ -371,3 +371,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, dest / "report_screenshot.png")
         shutil.copy(page, dest / "report.html")
+
+
+def test_continual_table_of_a_decoder_reads_exact_match_and_lm_loss():
+    """A decoder's continual stages score prompt/response tasks by exact match and text tasks by LM loss
+    (experiments/kinds/continual.py): both reach the table, each task in the order it was trained."""
+    from lorascope.report import tables
+    from lorascope.report.loader import Record
+
+    stages = [("arithmetic", {"exact_match/arithmetic": 0.83}), ("strings", {"exact_match/arithmetic": 0.03,
+              "exact_match/strings": 0.99}), ("state-union", {"exact_match/arithmetic": 0.0,
+              "exact_match/strings": 0.0, "lm_loss/state-union": 3.1})]
+    records = [Record({"method": "lora", "rank": 1, "stage": i + 1, "task": t},
+                      {**m, "forgetting": 3.2 + i / 10, "forgetting_metric": "lm-loss", "n_intruders": 14 * i})
+               for i, (t, m) in enumerate(stages)]
+    (group,) = tables.continual_groups(records)
+    table = tables.continual_table(group, 0)
+    assert table.columns == ["stage", "task trained", "score arithmetic", "score strings", "LM loss state-union",
+                             "score", "forgetting (lm-loss)", "intruders"]
+    assert [r[2] for r in table.rows] == [0.83, 0.03, 0.0] and table.rows[0][3] is None
+    assert [r[4] for r in table.rows] == [None, None, 3.1] and [r[-1] for r in table.rows] == [0, 14, 28]

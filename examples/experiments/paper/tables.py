@@ -187,7 +187,8 @@ def matched(recs: list[dict], slack: float = 0.01) -> tuple[float, dict[str, dic
 
 def inits_matched(store: str) -> None:
     """Per task, every init / variant at matched task score (:func:`matched`): intruders at three ε,
-    update size and forgetting; then the counts summed over tasks, and every unit."""
+    update size and forgetting; then the counts summed over tasks, and every unit. A task on which some
+    arm never learns (its best within 0.05 of the worst unit's score) cannot be matched and is left out."""
     recs = records(store)
     tasks = sorted({r["unit"]["task"] for r in recs}, key=lambda t: TASKS.index(t) if t in TASKS else 99)
     decoder = "lm-loss" in recs[0]["metrics"]
@@ -205,21 +206,30 @@ def inits_matched(store: str) -> None:
     totals: dict[str, list] = {}
     rows = []
     for t in tasks:
-        target, chosen = matched([r for r in recs if r["unit"]["task"] == t])
+        units = [r for r in recs if r["unit"]["task"] == t]
+        target, chosen = matched(units)
+        floor = min(task_score(r["metrics"]) for r in units)  # an arm that learned nothing (lowest rates)
+        if target < floor + 0.05:
+            print(f"{t}: not matched - the lowest of the arms' best scores ({target + 0.01:.3f}) is within 0.05 of "
+                  f"the untrained score ({floor:.3f}): some arm learned nothing at any rate; left out.\n")
+            continue
         for a in sorted(chosen, key=INITS.index):
             r = chosen[a]
             c = counts(r)
-            tot = totals.setdefault(a, [0, 0, 0, 0, 0.0])
+            tot = totals.setdefault(a, [0, 0, 0, 0, 0.0, 0.0, 0.0])
             tot[:3] = [x + y for x, y in zip(tot[:3], c, strict=True)]
             tot[3] += 1
             tot[4] += task_score(r["metrics"])
+            tot[5:] = [x + float(y) for x, y in zip(tot[5:], forgetting(r["metrics"]), strict=True)]
             rows.append([t, f"{target:.3f}", a, f"{r['unit']['lr']:g}", f"{task_score(r['metrics']):.3f}", *c,
                          r["metrics"]["matrices_with_intruders"], *forgetting(r["metrics"])])
     print(table(["task", "target", "init / variant", "lr", "score", "intruders ε=0.3", "ε=0.5", "ε=0.7",
                  "matrices with intruders (ε=0.5)", *forget], rows))
-    print("\n" + table(["init / variant", "tasks", "mean score", "intruders ε=0.3", "ε=0.5", "ε=0.7"],
-                       [[a, v[3], f"{v[4] / v[3]:.3f}", *v[:3]] for a, v in sorted(totals.items(),
-                                                                                   key=lambda kv: INITS.index(kv[0]))]))
+    print("\n" + table(["init / variant", "tasks", "mean score", "intruders ε=0.3", "ε=0.5", "ε=0.7",
+                        *(f"mean {f}" for f in forget)],
+                       [[a, v[3], f"{v[4] / v[3]:.3f}", *v[:3], f"{v[5] / v[3]:+.1f}" if not decoder else
+                         f"{v[5] / v[3]:.3f}", f"{v[6] / v[3]:.3f}" if not decoder else f"{v[6] / v[3]:+.1f}"]
+                        for a, v in sorted(totals.items(), key=lambda kv: INITS.index(kv[0]))]))
     print("\nEvery unit:\n")
     every = sorted(recs, key=lambda r: (tasks.index(r["unit"]["task"]), INITS.index(r["unit"]["method"]),
                                         r["unit"]["lr"]))

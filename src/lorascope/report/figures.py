@@ -43,6 +43,7 @@ from lorascope.report.tables import (
     spearman_of,
     sweep_records,
     task_names,
+    task_score,
     where,
 )
 from lorascope.schema import parse_name
@@ -396,8 +397,8 @@ def continual(records: list[Record]) -> Plot | None:
         stages = [r.unit["stage"] for r in g.records]
         ax = axes["accuracy"]
         for t in tasks:
-            pts = [(s, r.metrics[f"accuracy/{t}"]) for s, r in zip(stages, g.records, strict=True)
-                   if number(r.metrics.get(f"accuracy/{t}")) is not None]
+            pts = [(s, task_score(r.metrics, t)) for s, r in zip(stages, g.records, strict=True)
+                   if task_score(r.metrics, t) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), ls=ls, marker="o", ms=4, color=colors[t], label=prefix + t)
         if not tasks:
@@ -413,18 +414,21 @@ def continual(records: list[Record]) -> Plot | None:
                     color = "k" if len(groups) == 1 else f"C{gi % 10}"
                     axes[key].plot(*zip(*pts, strict=True), ls=ls, marker="o", ms=4, color=color,
                                    label=g.label)
+    metric = next((r.metrics["forgetting_metric"] for g in groups for r in g.records
+                   if r.metrics.get("forgetting_metric")), None)
     first = groups[0].records
     ticks = [r.unit["stage"] for r in first]
     names = [f"{r.unit['stage']}\n{r.unit.get('task', '')}" for r in first]
     for key, ax in axes.items():
         ax.set_xticks(ticks, names, fontsize="small")
         ax.set_xlabel("stage (task trained)")
-        ax.set_ylabel({"accuracy": "accuracy on task", "forgetting": "forgetting",
+        ax.set_ylabel({"accuracy": "score on each task (accuracy / exact match)",
+                       "forgetting": f"forgetting ({metric})" if metric else "forgetting",
                        "intruders": "intruder dimensions"}[key])
         if key == "accuracy" or len(groups) > 1:
             _legend(ax, len(ax.get_legend_handles_labels()[0]))
-    caption = ("After each stage: accuracy on every task, forgetting, and the intruder dimensions "
-               "accumulated so far.")
+    caption = ("After each stage: the score on every task trained so far (accuracy, or exact match for a "
+               "decoder's prompt/response task), forgetting, and the intruder dimensions accumulated so far.")
     return Plot("continual", "Continual learning", caption, fig)
 
 

@@ -289,22 +289,36 @@ def continual_groups(records: list[Record]) -> list[Group]:
     return groups
 
 
-def task_names(records: list[Record]) -> list[str]:
-    """Tasks with an ``accuracy/<task>`` metric, in the order they were first trained or seen."""
-    names = [r.unit["task"] for r in records if "task" in r.unit]
-    names += [k.split("/", 1)[1] for r in records for k in r.metrics if k.startswith("accuracy/")]
-    seen = {k.split("/", 1)[1] for r in records for k in r.metrics if k.startswith("accuracy/")}
-    return [t for t in dict.fromkeys(names) if t in seen]
+# A continual stage's score on each task so far: accuracy (classification) or exact match (a decoder's
+# prompt/response task), both higher-is-better; a decoder's text task has an LM loss instead.
+TASK_SCORES = ("accuracy/", "exact_match/")
+TASK_LOSS = "lm_loss/"
+
+
+def task_score(metrics: dict[str, Any], task: str) -> float | None:
+    """The stage's score on ``task`` (:data:`TASK_SCORES`), or None."""
+    return next((number(metrics[p + task]) for p in TASK_SCORES if number(metrics.get(p + task)) is not None), None)
+
+
+def task_names(records: list[Record], prefixes: tuple[str, ...] = TASK_SCORES) -> list[str]:
+    """Tasks with a metric of one of ``prefixes`` (``accuracy/<task>``, ...), in the order they were first
+    trained or seen."""
+    keyed = [k.split("/", 1)[1] for r in records for k in r.metrics if k.startswith(prefixes)]
+    names = [r.unit["task"] for r in records if "task" in r.unit] + keyed
+    return [t for t in dict.fromkeys(names) if t in set(keyed)]
 
 
 def continual_table(group: Group, n: int) -> Table:
-    tasks = task_names(group.records)
-    rows = [[r.unit["stage"], r.unit.get("task")] + [number(r.metrics.get(f"accuracy/{t}")) for t in tasks]
+    tasks, texts = task_names(group.records), task_names(group.records, (TASK_LOSS,))
+    rows = [[r.unit["stage"], r.unit.get("task")] + [task_score(r.metrics, t) for t in tasks]
+            + [number(r.metrics.get(TASK_LOSS + t)) for t in texts]
             + [number(r.metrics.get("accuracy")), number(r.metrics.get("forgetting")), r.n_intruders]
             for r in group.records]
+    metric = next((r.metrics["forgetting_metric"] for r in group.records if r.metrics.get("forgetting_metric")), None)
     title = "Continual learning" + (f": {group.label}" if group.label != "all" else "")
-    return Table(f"continual-{n}", title, ["stage", "task trained"] + [f"acc {t}" for t in tasks]
-                 + ["accuracy", "forgetting", "intruders"], rows)
+    return Table(f"continual-{n}", title, ["stage", "task trained"] + [f"score {t}" for t in tasks]
+                 + [f"LM loss {t}" for t in texts]
+                 + ["score", f"forgetting ({metric})" if metric else "forgetting", "intruders"], rows)
 
 
 def _scalar(v: Any) -> Any:
