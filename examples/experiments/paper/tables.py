@@ -5,6 +5,7 @@
     python examples/experiments/paper/tables.py sweeps RUNS/encoder_lr_sweep
     python examples/experiments/paper/tables.py continual RUNS/encoder_continual
     python examples/experiments/paper/tables.py decoder RUNS/decoder_methods RUNS/decoder_lr_sweep
+    python examples/experiments/paper/tables.py decoder-intervention RUNS/decoder_intervention
     python examples/experiments/paper/tables.py inits RUNS/encoder_inits
     python examples/experiments/paper/tables.py inits-matched RUNS/encoder_inits_matched   # or decoder_inits
     python examples/experiments/paper/tables.py mitigations RUNS/encoder_mitigations
@@ -170,6 +171,25 @@ def inits(store: str) -> None:
                  "STS-B Δ %", "drift", "trainable"], rows))
 
 
+def decoder_intervention(store: str) -> None:
+    """The λ edits of a decoder fine-tune from its records (a partial store too: every finished unit, the
+    fine-tune as λ = 1): exact match, intruders left, WikiText-2 loss and perplexity change."""
+    recs = records(store)
+    tuned = next(r for r in recs if r["action"] == "train")
+    base, t = tuned["metrics"]["lm-loss_base"], tuned["metrics"]
+    print(f"Fine-tune: exact match {t['accuracy']:.3f}, {t['n_intruders']} intruders (ε = 0.5), WikiText-2 loss "
+          f"{t['lm-loss']:.3f} (base {base:.3f}: perplexity {math.exp(base):.2f} -> {math.exp(t['lm-loss']):.2f}).\n")
+    rows = []
+    for r in sorted((r for r in recs if r["action"] != "train"),
+                    key=lambda r: (r["unit"]["which"], r["unit"]["control"], r["unit"]["lam"])):
+        m, u = r["metrics"], r["unit"]
+        rows.append([u["which"], u["control"], f"{u['lam']:g}", m["n_changed"], f"{m['accuracy']:.3f}",
+                     m["n_intruders"], f"{m['lm-loss']:.3f}", f"{math.exp(m['lm-loss']):.2f}",
+                     f"{100 * (math.exp(m['lm-loss'] - t['lm-loss']) - 1):+.1f}"])
+    print(table(["which", "control", "λ", "directions scaled", "exact match", "intruders left", "WikiText-2 loss",
+                 "perplexity", "Δ perplexity % vs λ = 1"], rows))
+
+
 def task_score(m: dict) -> float:
     return m["accuracy"] if "accuracy" in m else m["test_exact_match"]
 
@@ -265,5 +285,5 @@ def mitigations(store: str) -> None:
 
 if __name__ == "__main__":
     {"methods": methods, "intervention": intervention, "sweeps": sweeps, "continual": continual,
-     "decoder": decoder, "inits": inits, "inits-matched": inits_matched,
+     "decoder": decoder, "decoder-intervention": decoder_intervention, "inits": inits, "inits-matched": inits_matched,
      "mitigations": mitigations}[sys.argv[1]](*sys.argv[2:])
