@@ -425,8 +425,18 @@ def continual(records: list[Record]) -> Plot | None:
         ax.set_ylabel({"accuracy": "score on each task (accuracy / exact match)",
                        "forgetting": f"forgetting ({metric})" if metric else "forgetting",
                        "intruders": "intruder dimensions"}[key])
-        if key == "accuracy" or len(groups) > 1:
-            _legend(ax, len(ax.get_legend_handles_labels()[0]))
+    # One legend for the figure: the score panel's (arm: task) lines, then each arm's line of the others.
+    shown = axes["accuracy"] if len(groups) == 1 else None
+    if shown is None:
+        legend = {}
+        for ax in axes.values():
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, h)
+        shown = fig.add_axes((0, 0, 0, 0))
+        shown.set_axis_off()
+        for label, h in legend.items():
+            shown.plot([], [], ls=h.get_linestyle(), marker=h.get_marker(), color=h.get_color(), label=label)
+    _legend(shown, len(shown.get_legend_handles_labels()[0]), fig)
     caption = ("After each stage: the score on every task trained so far (accuracy, or exact match for a "
                "decoder's prompt/response task), forgetting, and the intruder dimensions accumulated so far.")
     return Plot("continual", "Continual learning", caption, fig)
