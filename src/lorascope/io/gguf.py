@@ -54,7 +54,10 @@ class GGUFFile:
                                                                    if k != "model_type"})
             with torch.device("meta"):
                 model = transformers.AutoModelForCausalLM.from_config(cfg)
-            to_hf = get_gguf_hf_weights_map(model, self._processor)
+            to_hf = get_gguf_hf_weights_map(_Flat(model), self._processor)
+            matrices = {t.name for t in self._reader.tensors if len(t.shape) == 2}
+            if not matrices <= set(to_hf):  # a layout only the submodule walk maps (e.g. Bloom's)
+                to_hf = get_gguf_hf_weights_map(model, self._processor)
         except Exception as e:
             raise InputError(f"{path}: transformers cannot map the tensors of GGUF architecture '{architecture}' "
                              f"({type(e).__name__}: {e})") from e
@@ -89,3 +92,20 @@ class GGUFFile:
             raise InputError(f"{self.path}: tensor '{t.name}' ({name}) dequantises to shape {tuple(out.shape)}, "
                              f"not the {self._shapes[name]} its architecture expects")
         return out
+
+
+class _Flat:
+    """A model as transformers' ``get_gguf_hf_weights_map`` sees it, without its submodules: the map of
+    the top-level names only. The function also walks every submodule, rebuilding gguf's name map and
+    the state dict at each (SmolLM2-135M: 5.6 s of a 15 s open); the walk is kept for files whose
+    matrices the top level does not map."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.config = model.config
+        self._names = list(model.state_dict())
+
+    def state_dict(self) -> dict[str, None]:
+        return dict.fromkeys(self._names)
+
+    def named_children(self) -> list:
+        return []
