@@ -250,6 +250,15 @@ def inits_matched(store: str) -> None:
                        [[a, v[3], f"{v[4] / v[3]:.3f}", *v[:3], f"{v[5] / v[3]:+.1f}" if not decoder else
                          f"{v[5] / v[3]:.3f}", f"{v[6] / v[3]:.3f}" if not decoder else f"{v[6] / v[3]:+.1f}"]
                         for a, v in sorted(totals.items(), key=lambda kv: INITS.index(kv[0]))]))
+    if not decoder:  # intruders against forgetting over every run of the matched tasks, and per arm
+        from lorascope.evaluate.metrics import spearman
+
+        learned = [r for r in recs if r["unit"]["task"] in {row[0] for row in rows}]
+        pairs = {a: [(r["metrics"]["n_intruders"], -r["metrics"]["sts_change_pct"]) for r in learned
+                     if a is None or r["unit"]["method"] == a] for a in [None, *totals]}
+        rho = {a or "all": (f"{spearman(*zip(*p, strict=True)):.2f}" if len({x for x, _ in p}) > 1 else "constant")
+               for a, p in pairs.items()}
+        print(f"\nSpearman ρ(intruders at ε = 0.5, STS-B drop) over {len(learned)} runs: " + json.dumps(rho))
     print("\nEvery unit:\n")
     every = sorted(recs, key=lambda r: (tasks.index(r["unit"]["task"]), INITS.index(r["unit"]["method"]),
                                         r["unit"]["lr"]))
