@@ -140,3 +140,23 @@ def test_a_truncated_gguf_names_the_file_and_what_is_wrong(tmp_path):
         tensor_table(short)
     with pytest.raises(InputError, match="bad.gguf: not a readable GGUF file"):
         Checkpoint(tmp_path / "bad.gguf") if (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 40) else None
+
+
+def test_a_tensor_whose_dimensions_overflow_64_bits_is_refused(tmp_path):
+    """A header claiming 2^40 x 2^40 elements must not wrap around to a size that fits the file."""
+    import struct
+
+    from lorascope.errors import InputError
+    from lorascope.io.gguf import tensor_table
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    data = bytearray(path.read_bytes())
+    name = b"token_embd.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name, 24) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at)[0] == 2  # n_dims, then the two dims
+    struct.pack_into("<QQ", data, at + 4, 2**40, 2**40)
+    bad = tmp_path / "huge.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="huge.gguf: .*token_embd.weight' runs past the end"):
+        tensor_table(bad)

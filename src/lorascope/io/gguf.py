@@ -13,6 +13,7 @@ the one tensor. ``tests/test_gguf.py`` checks every tensor against transformers'
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,7 @@ def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
             raise bad(f"tensor '{name}' appears twice")
         seen.add(name)
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(dims, dtype=np.int64))
+        n = math.prod(dims)  # Python ints: a hostile header cannot wrap it around
         if n % block:
             raise bad(f"tensor '{name}' of {n} elements is not whole blocks of {block}")
         n_bytes, begin = n * type_size // block, start + offset
