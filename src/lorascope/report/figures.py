@@ -35,6 +35,7 @@ from lorascope.report.tables import (
     MitigationGroup,
     arm_key,
     continual_groups,
+    forgetting_metric,
     group_records,
     lam_groups,
     lam_rows,
@@ -78,12 +79,13 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _legend(ax, n: int, fig: Figure | None = None) -> None:
+def _legend(ax, n: int, fig: Figure | None = None, entries: dict[str, Any] | None = None) -> None:
     """A legend outside the axes, at the figure's right, the figure widened to hold it (the axes keep
-    their size); ``fig``: one legend for every panel of the figure, from ``ax``'s lines."""
+    their size); ``fig``: one legend for every panel of the figure, from ``ax``'s lines, or from
+    ``entries`` (label -> handle) when given."""
     if n <= 1:
         return
-    handles, labels = ax.get_legend_handles_labels()
+    handles, labels = ax.get_legend_handles_labels() if entries is None else (list(entries.values()), list(entries))
     fig = fig or ax.figure
     ncols = 1 if n <= 12 else 2
     size = "small" if n <= 8 else "x-small"
@@ -414,8 +416,7 @@ def continual(records: list[Record]) -> Plot | None:
                     color = "k" if len(groups) == 1 else f"C{gi % 10}"
                     axes[key].plot(*zip(*pts, strict=True), ls=ls, marker="o", ms=4, color=color,
                                    label=g.label)
-    metric = next((r.metrics["forgetting_metric"] for g in groups for r in g.records
-                   if r.metrics.get("forgetting_metric")), None)
+    metric = forgetting_metric([r for g in groups for r in g.records])
     first = groups[0].records
     ticks = [r.unit["stage"] for r in first]
     names = [f"{r.unit['stage']}\n{r.unit.get('task', '')}" for r in first]
@@ -426,17 +427,11 @@ def continual(records: list[Record]) -> Plot | None:
                        "forgetting": f"forgetting ({metric})" if metric else "forgetting",
                        "intruders": "intruder dimensions"}[key])
     # One legend for the figure: the score panel's (arm: task) lines, then each arm's line of the others.
-    shown = axes["accuracy"] if len(groups) == 1 else None
-    if shown is None:
-        legend = {}
-        for ax in axes.values():
-            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-                legend.setdefault(label, h)
-        shown = fig.add_axes((0, 0, 0, 0))
-        shown.set_axis_off()
-        for label, h in legend.items():
-            shown.plot([], [], ls=h.get_linestyle(), marker=h.get_marker(), color=h.get_color(), label=label)
-    _legend(shown, len(shown.get_legend_handles_labels()[0]), fig)
+    entries: dict[str, Any] = {}
+    for ax in axes.values() if len(groups) > 1 else [axes["accuracy"]]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, h)
+    _legend(axes["accuracy"], len(entries), fig, entries)
     caption = ("After each stage: the score on every task trained so far (accuracy, or exact match for a "
                "decoder's prompt/response task), forgetting, and the intruder dimensions accumulated so far.")
     return Plot("continual", "Continual learning", caption, fig)

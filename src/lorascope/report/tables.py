@@ -304,8 +304,13 @@ def task_names(records: list[Record], prefixes: tuple[str, ...] = TASK_SCORES) -
     """Tasks with a metric of one of ``prefixes`` (``accuracy/<task>``, ...), in the order they were first
     trained or seen."""
     keyed = [k.split("/", 1)[1] for r in records for k in r.metrics if k.startswith(prefixes)]
-    names = [r.unit["task"] for r in records if "task" in r.unit] + keyed
-    return [t for t in dict.fromkeys(names) if t in set(keyed)]
+    names, known = [r.unit["task"] for r in records if "task" in r.unit] + keyed, set(keyed)
+    return [t for t in dict.fromkeys(names) if t in known]
+
+
+def forgetting_metric(records: list[Record]) -> str | None:
+    """The name of the forgetting metric the records store (``forgetting_metric``), if any."""
+    return next((r.metrics["forgetting_metric"] for r in records if r.metrics.get("forgetting_metric")), None)
 
 
 def continual_table(group: Group, n: int) -> Table:
@@ -314,7 +319,7 @@ def continual_table(group: Group, n: int) -> Table:
             + [number(r.metrics.get(TASK_LOSS + t)) for t in texts]
             + [number(r.metrics.get("accuracy")), number(r.metrics.get("forgetting")), r.n_intruders]
             for r in group.records]
-    metric = next((r.metrics["forgetting_metric"] for r in group.records if r.metrics.get("forgetting_metric")), None)
+    metric = forgetting_metric(group.records)
     title = "Continual learning" + (f": {group.label}" if group.label != "all" else "")
     return Table(f"continual-{n}", title, ["stage", "task trained"] + [f"score {t}" for t in tasks]
                  + [f"LM loss {t}" for t in texts]
