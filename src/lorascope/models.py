@@ -21,7 +21,8 @@ import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,27 @@ def hf_source(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     return str(path), {}
 
 
+# transformers' GGUF route parses the metadata (the whole vocabulary) and walks the model on every load:
+# 17-19 s for SmolLM2-135M on 2 cores, of which dequantising is 2 s, and a tokenizer 6 s more. A process
+# that loads one GGUF base many times (an experiment worker's units; evaluate's base and tuned sides)
+# keeps its first load and hands out deep copies, so no caller can change what the next one gets. The
+# key holds the file's identity (a rewritten file is loaded again) and every load argument.
+_GGUF_MEMO: OrderedDict[tuple, Any] = OrderedDict()
+GGUF_MEMO_SIZE = 2  # entries; each holds a float32 model (SmolLM2 0.5 GB, Gemma 3 270M 1.1 GB)
+
+
+def _gguf_memo(path: str | os.PathLike, what: tuple, load: Callable[[], Any]) -> Any:
+    """``load()``, or a deep copy of its earlier result for the same unchanged GGUF file and ``what``."""
+    st = Path(path).stat()
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, what)
+    if key not in _GGUF_MEMO:
+        _GGUF_MEMO[key] = load()
+        while len(_GGUF_MEMO) > GGUF_MEMO_SIZE:
+            _GGUF_MEMO.popitem(last=False)
+    _GGUF_MEMO.move_to_end(key)
+    return copy.deepcopy(_GGUF_MEMO[key])
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars; we check loading results ourselves."""
@@ -112,9 +134,13 @@ def quiet_transformers() -> Iterator[None]:
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer with a pad token (EOS, else UNK, when the tokenizer has none)."""
     try:
-        with quiet_transformers():
-            source, extra = hf_source(path)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        source, extra = hf_source(path)
+
+        def load() -> Any:
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+
+        tokenizer = _gguf_memo(path, ("tokenizer", trust_remote_code), load) if extra else load()
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {path}: {e}") from e
     if tokenizer.pad_token is None:
@@ -142,15 +168,24 @@ def load_pretrained(
     # transformers 5 keeps a checkpoint's dtype by default; fp16/bf16 weights would then be trained in
     # half precision. Recipes keep fp32 master weights (bf16 only as autocast on CUDA).
     kwargs.setdefault("dtype", torch.float32)
-    try:
-        with quiet_transformers():
-            source, extra = hf_source(path)
-            model, info = cls.from_pretrained(source, output_loading_info=True,
-                                              trust_remote_code=trust_remote_code, **extra, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot load {cls.__name__} from {path}: {e}") from e
+    source, extra = hf_source(path)
+
+    def load() -> tuple[torch.nn.Module, dict[str, Any]]:
+        try:
+            with quiet_transformers():
+                model, info = cls.from_pretrained(source, output_loading_info=True,
+                                                  trust_remote_code=trust_remote_code, **extra, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot load {cls.__name__} from {path}: {e}") from e
+        if extra:
+            _unmark_gguf(model, path)
+        return model, info
+
     if extra:
-        _unmark_gguf(model, path)
+        what = (cls.__module__, cls.__qualname__, trust_remote_code, repr(sorted(kwargs.items())))
+        model, info = _gguf_memo(path, what, load)
+    else:
+        model, info = load()
     prefix = model.base_model_prefix + "."
     missing = sorted(info["missing_keys"])
     head_missing = [k for k in missing if not k.startswith(prefix)]
