@@ -63,7 +63,10 @@ def execute(unit: dict[str, Any], root: str, threads: int | None = None) -> dict
     folder = store.reset_unit(u.key)
     atomic_write_json(folder / "unit.json", {"key": u.key, **u.to_dict()})
     start = time.perf_counter()
-    metrics, scan, paths = actions()[u.action](u, folder, store)
+    try:
+        metrics, scan, paths = actions()[u.action](u, folder, store)
+    finally:
+        _release_gpu_cache()
     from lorascope.runtime import library_versions
 
     record = {
@@ -83,6 +86,16 @@ def execute(unit: dict[str, Any], root: str, threads: int | None = None) -> dict
     }
     atomic_write_json(folder / RECORD, record)
     return record
+
+
+def _release_gpu_cache() -> None:
+    """Give the caching allocator's free blocks back after a unit: a pool worker keeps its CUDA memory
+    between units, and several workers share one GPU, so a finished unit's peak must not stay held."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a unit that never imported torch has nothing to release
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _run_train(u: Unit, folder: Path, store: Store):
