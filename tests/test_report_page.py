@@ -168,6 +168,8 @@ def test_real_stores_report(results, tmp_path):
     colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
                for line in lam_plot.figure.axes[0].get_lines()]
     assert len(colours) == 2 and len(set(colours)) == 2  # the two controls in two colours
+    metric = next(r.metrics["forgetting_metric"] for r in data.records if r.metrics.get("forgetting_metric"))
+    assert lam_plot.figure.axes[0].get_xlabel() == f"forgetting ({metric})"  # the axis names its metric
     dyn = figures.dynamics(data.tracking)
     assert [ax.get_ylabel() for ax in dyn.figure.axes] == ["intruder dimensions", "training loss", "task score"]
 

@@ -31,7 +31,8 @@ def records(store: str) -> list[dict]:
 def label(u: dict) -> str:
     if u["method"] == "full":
         return "full FT"
-    return f"LoRA r={u['rank']} α={u['alpha']:g}"
+    name = "LoRA" if u["method"] == "lora" else u["method"]  # an init or variant (decoder_inits) by its name
+    return f"{name} r={u['rank']} α={u['alpha']:g}"
 
 
 def order(u: dict) -> tuple:
@@ -126,7 +127,8 @@ def continual(store: str) -> None:
 def decoder(*stores: str) -> None:
     """SmolLM2 units of any number of stores (methods, sweeps), one row each, ordered by method and lr."""
     recs = sorted((r | {"store": s} for s in stores for r in records(s)),
-                  key=lambda r: (order(r["unit"]), r["unit"]["lr"]))
+                  key=lambda r: (order(r["unit"]), INITS.index(r["unit"]["method"]) if r["unit"]["method"] in INITS
+                                 else -1, r["unit"]["lr"]))
     base = recs[0]["metrics"]["lm-loss_base"]
     print(f"Base SmolLM2-135M-Instruct on WikiText-2 test: loss {base:.4f}, perplexity {math.exp(base):.2f}.\n")
     rows = []
@@ -280,15 +282,23 @@ def mitigations(store: str) -> None:
         return " / ".join(str(scan.summary(epsilon=e)["sides"]["left"]["n_intruders"]) for e in (0.3, 0.5, 0.7))
 
     t = tuned["metrics"]
-    rows = [["fine-tune (λ = 1)", "", f"{t['accuracy']:.3f}", f"{t['sts_change_pct']:+.1f}", f"{t['drift']:.3f}",
-             counts(tuned), "", ""]]
+    decoder = "sts_change_pct" not in t  # a causal LM: exact match and WikiText-2 loss / perplexity
+
+    def forgetting(m: dict) -> list[str]:
+        if decoder:
+            return [f"{m['lm-loss']:.3f}", f"{math.exp(m['lm-loss']):.2f}"]
+        return [f"{m['sts_change_pct']:+.1f}", f"{m['drift']:.3f}"]
+
+    rows = [["fine-tune (λ = 1)", "", f"{t['accuracy']:.3f}", *forgetting(t), counts(tuned), "", ""]]
     for name in ("exact", "compress", "peft"):
         m = edits[name]["metrics"]
         dist = f"{m['rel_distance']:.2e} / {m['max_rel_distance']:.2e}" if "rel_distance" in m else "0"
-        rows.append([names[name], f"{edits[name]['unit']['lam']:g}", f"{m['accuracy']:.3f}",
-                     f"{m['sts_change_pct']:+.1f}", f"{m['drift']:.3f}", counts(edits[name]), dist,
+        rows.append([names[name], f"{edits[name]['unit']['lam']:g}", f"{m['accuracy']:.3f}", *forgetting(m),
+                     counts(edits[name]), dist,
                      f"{m['task_score_peft_head']:.3f}" if "task_score_peft_head" in m else ""])
-    print(table(["model", "λ", "SST-2 accuracy", "STS-B Δ %", "drift", "intruders ε=0.3 / 0.5 / 0.7",
+    score, forget = (["exact match"], ["WikiText-2 loss", "perplexity"]) if decoder else \
+        (["SST-2 accuracy"], ["STS-B Δ %", "drift"])
+    print(table(["model", "λ", *score, *forget, "intruders ε=0.3 / 0.5 / 0.7",
                  "‖ΔW'−ΔW'_exact‖/‖ΔW'_exact‖ all / worst matrix", "accuracy with PEFT's head"], rows))
 
 

@@ -35,6 +35,7 @@ from lorascope.report.tables import (
     MitigationGroup,
     arm_key,
     continual_groups,
+    forgetting_axis,
     forgetting_metric,
     group_records,
     lam_groups,
@@ -334,8 +335,8 @@ def lam_tradeoff(records: list[Record]) -> Plot | None:
         ax.plot(x, y, ls=CONTROL_STYLE[control], marker="o", ms=4, label=name, color=f"C{i % 10}")
         for xi, yi, li in pts:
             ax.annotate(f"λ={li:g}", (xi, yi), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("forgetting (metrics.forgetting)")
-    ax.set_ylabel("task accuracy")
+    ax.set_xlabel(forgetting_axis(records))
+    ax.set_ylabel("task score")
     _legend(ax, len(series))
     caption = ("Task accuracy against forgetting as the intruder dimensions are scaled by λ (solid) and, as "
                "the paper's control, their best-matching base vectors (dashed).")
@@ -369,7 +370,7 @@ def sweep_scatter(data: ReportData) -> Plot | None:
                      else f"seed {r.unit[k]}" for k in varied if isinstance(r.unit.get(k), (int, float))]
             ax.annotate(", ".join(swept), (xi, yi), fontsize="x-small", xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("intruder dimensions (all matrices)")
-    ax.set_ylabel("forgetting (metrics.forgetting)")
+    ax.set_ylabel(forgetting_axis(records))
     _legend(ax, len(arms) + (1 if len(arms) == 1 else 0))
     rows = [r for r in rho.values() if number(r.get("spearman_intruders_forgetting")) is not None]
     stated = ("; ".join(f"ρ = {r['spearman_intruders_forgetting']:.2f} over {r.get('n')} fine-tunes" for r in rows)

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from lorascope.report.figures import Plot, _figure, _short, similarity_maps
 from lorascope.report.labels import merge_name, unit_name, varying_keys
 from lorascope.report.loader import Merge, Record, ReportData
-from lorascope.report.tables import Table, number
+from lorascope.report.tables import Table, forgetting_axis, number
 
 MAX_ATTRIBUTION_ROWS = 48  # heatmap rows; the table below it lists every merged intruder
 FORGETTING_COLUMNS = (("forgetting", "forgetting"), ("sts_change_pct", "STS-B change %"), ("drift", "drift"))
@@ -259,7 +259,7 @@ def study_scatter(rows: list[StudyRow]) -> Plot | None:
         ax.annotate(row.label, (x, y), fontsize="x-small", xytext=(4, 3), textcoords="offset points")
     if intr and sc is not None:
         fig.colorbar(sc, ax=ax, shrink=0.9, label="intruder dimensions of the merge")
-    ax.set_xlabel("forgetting (metrics.forgetting)")
+    ax.set_xlabel(forgetting_axis([r for row, *_ in pts for r in row.records]))
     ax.set_ylabel("mean task score with the merged encoder")
     kinds = {p[0].lam is None for p in pts}
     if len(kinds) > 1:  # grey markers: the colour is the intruder count, not the kind

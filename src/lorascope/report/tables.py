@@ -313,6 +313,12 @@ def forgetting_metric(records: list[Record]) -> str | None:
     return next((r.metrics["forgetting_metric"] for r in records if r.metrics.get("forgetting_metric")), None)
 
 
+def forgetting_axis(records: list[Record]) -> str:
+    """An axis label for ``metrics.forgetting`` that names the metric the records used."""
+    metric = forgetting_metric(records)
+    return f"forgetting ({metric})" if metric else "forgetting"
+
+
 def continual_table(group: Group, n: int) -> Table:
     tasks, texts = task_names(group.records), task_names(group.records, (TASK_LOSS,))
     rows = [[r.unit["stage"], r.unit.get("task")] + [task_score(r.metrics, t) for t in tasks]
