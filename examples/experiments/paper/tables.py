@@ -189,7 +189,7 @@ def decoder_intervention(store: str) -> None:
                      m["n_intruders"], f"{m['lm-loss']:.3f}", f"{math.exp(m['lm-loss']):.2f}",
                      f"{100 * (math.exp(m['lm-loss'] - t['lm-loss']) - 1):+.1f}"])
     print(table(["which", "control", "λ", "directions scaled", "exact match", "intruders left", "WikiText-2 loss",
-                 "perplexity", "Δ perplexity % vs λ = 1"], rows))
+                 "perplexity", "Δ perplexity % vs the fine-tune"], rows))
 
 
 def task_score(m: dict) -> float:
