@@ -248,6 +248,30 @@ def test_evaluate_lm_loss(tiny):
         evaluate(tiny["bert-full"], metric="lm-loss", data=tiny["corpus"], progress=False)
 
 
+def test_score_base_false_scores_only_the_tuned_model(tiny, monkeypatch):
+    """The edits of one fine-tune share its base's values: evaluate(score_base=False) gives the same tuned
+    value without scoring the base (base, change and change_pct None)."""
+    from lorascope.evaluate import measures
+
+    both = {m: evaluate(tiny["llama-lm"], metric=m, data=tiny["corpus"], max_length=32, progress=False)
+            for m in ("lm-loss", "drift")}
+    both["accuracy"] = evaluate(tiny["bert-lora"], metric="accuracy", progress=False)
+    calls = []
+    real = measures.lm_loss
+    monkeypatch.setattr(measures, "lm_loss", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    for metric, ref in both.items():
+        run = tiny["bert-lora"] if metric == "accuracy" else tiny["llama-lm"]
+        one = evaluate(run, metric=metric, data=None if metric == "accuracy" else tiny["corpus"], max_length=32,
+                       progress=False, score_base=False)
+        assert one["tuned"] == pytest.approx(ref["tuned"], abs=1e-9), metric
+        assert one["base"] is None and one["change"] is None and one["change_pct"] is None
+    assert len(calls) == 1  # lm-loss scored the tuned model alone
+    assert set(evaluate(tiny["llama-lm"], metric="lm-loss", data=tiny["corpus"], max_length=32, progress=False,
+                        score_base=False)["details"]["perplexity"]) == {"tuned"}
+    with pytest.raises(InputError, match="needs a tuned model"):
+        evaluate(tiny["llama"], metric="lm-loss", data=tiny["corpus"], progress=False, score_base=False)
+
+
 def test_evaluate_accuracy_and_borrowed_heads(tiny):
     record = tiny["bert-full/record"]
     r = evaluate(tiny["bert-full"], metric="accuracy", progress=False)

@@ -244,12 +244,30 @@ def test_methods_store_feeds_report_and_status(methods_store):
     assert {row["state"] for row in status["rows"]} == {"done"}
 
 
-def test_intervention_study(assets, tmp_path):
+def test_intervention_study(assets, tmp_path, monkeypatch):
+    import lorascope.evaluate as evaluate_module
+
     arms = [{"method": "lora", "rank": 4}, {"method": "full", "lr": 1e-2}]
     cfg = config(assets, "intervention", {"methods": arms, "lams": [0, 1]})
+    scored_base = []  # (metric, score_base) of every evaluate call
+    real = evaluate_module.evaluate
+
+    def spy(*a, **k):
+        scored_base.append((k.get("metric"), k.get("score_base", True)))
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
     run_experiment(cfg, tmp_path / "store", **QUIET)
     records = lines(tmp_path / "store" / "records.jsonl")
     assert len(records) == 2 * (1 + 2 * 2)
+    # the base is measured once per fine-tune; its 4 edits reuse the numbers and score only themselves
+    forgetting = cfg.forgetting.metrics
+    assert sum(base for m, base in scored_base if m in forgetting) == 2 * len(forgetting)
+    assert not any(base for m, base in scored_base if m == "accuracy")
+    for r in records:
+        tuned = next(t for t in records if t["action"] == "train" and t["unit"]["method"] == r["unit"]["method"])
+        for m in forgetting:
+            assert r["metrics"][f"{m}_base"] == tuned["metrics"][f"{m}_base"]
     for method in ("lora", "full"):
         mine = [r for r in records if r["unit"]["method"] == method]
         tuned = next(r for r in mine if r["action"] == "train")["metrics"]

@@ -31,6 +31,7 @@ def evaluate(
     device: str = "auto",
     trust_remote_code: bool = False,
     progress: bool = True,
+    score_base: bool = True,
 ) -> dict[str, Any]:
     """Compute ``metric`` for the base and the tuned model.
 
@@ -41,6 +42,8 @@ def evaluate(
 
     Returns ``{metric, base, tuned, change, change_pct, higher_is_better, n, data, ...}`` where
     change = tuned - base and change_pct = 100 (tuned - base) / |base| (None when undefined).
+    ``score_base=False`` scores only the tuned model (base, change and change_pct are None), for a
+    caller that already has the base's value, such as the edits of one fine-tune.
     """
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; choose from {tuple(METRICS)}")
@@ -51,15 +54,18 @@ def evaluate(
     ctx = Context(base=base, tuned=tuned, data=data,
                   limit=max_examples if max_examples is not None else spec.max_examples,
                   max_length=max_length, stride=stride, batch_size=batch_size, device=dev,
-                  root=root_model(base.ref), trust_remote_code=trust_remote_code, progress=progress)
+                  root=root_model(base.ref), trust_remote_code=trust_remote_code, progress=progress,
+                  score_base=score_base)
+    if not score_base and tuned is None:
+        raise InputError("score_base=False needs a tuned model (a run, or an adapter)")
     measured = spec.compute(ctx)
-    base_value = measured.values[0]
-    tuned_value = measured.values[1] if len(measured.values) > 1 else None
+    values = dict(zip((s.name for s in ctx.sides), measured.values, strict=True))
+    base_value, tuned_value = values.get("base"), values.get("tuned")
     return {
         "metric": metric,
         "base": base_value,
         "tuned": tuned_value,
-        "change": None if tuned_value is None else tuned_value - base_value,
+        "change": None if tuned_value is None or base_value is None else tuned_value - base_value,
         "change_pct": relative_change(base_value, tuned_value),
         "higher_is_better": spec.higher_is_better and measured.details.get("score") != "lm_loss",
         "n": measured.n,

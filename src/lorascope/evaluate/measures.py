@@ -44,9 +44,13 @@ class Context:
     root: str  # the pretrained checkpoint at the start of the base's chain of runs
     trust_remote_code: bool = False
     progress: bool = True
+    score_base: bool = True  # False: the caller has the base's value; only the tuned side is scored
 
     @property
     def sides(self) -> list[Side]:
+        """The sides scored, base first."""
+        if not self.score_base and self.tuned is not None:
+            return [self.tuned]
         return [s for s in (self.base, self.tuned) if s is not None]
 
     @property
@@ -61,7 +65,7 @@ class Context:
 
 @dataclass
 class Measured:
-    values: list[float]  # base, then tuned
+    values: list[float]  # one per scored side (Context.sides): base, then tuned
     n: int
     data: str
     details: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +132,7 @@ def lm_loss_metric(ctx: Context) -> Measured:
         loss, ppl, n = lm_loss(lm, ctx.tokenizer, text, ctx.max_length, ctx.stride, **ctx.loop)
         values.append(loss)
         perplexity.append(ppl)
-    details = {"perplexity": dict(zip(("base", "tuned"), perplexity, strict=False))}
+    details = {"perplexity": dict(zip((s.name for s in ctx.sides), perplexity, strict=True))}
     return Measured(values, n, ctx.data or "wikitext2", details)
 
 
@@ -156,10 +160,9 @@ def sts(ctx: Context) -> Measured:
 def drift(ctx: Context) -> Measured:
     """1 - linear CKA of the two sides' sentence embeddings (0 for the base against itself)."""
     texts = first_texts(load_corpus(ctx.data), ctx.limit)
-    values = [0.0]
-    if ctx.tuned is not None:
-        values.append(representation_drift(ctx.base.model, ctx.tuned.model, ctx.tokenizer, texts,
-                                           max_length=ctx.max_length or 128, **ctx.loop))
+    values = [0.0 if side is ctx.base else
+              representation_drift(ctx.base.model, side.model, ctx.tokenizer, texts,
+                                   max_length=ctx.max_length or 128, **ctx.loop) for side in ctx.sides]
     details = {"definition": "1 - linear CKA(base, tuned) of mean-pooled last hidden states"}
     return Measured(values, len(texts), ctx.data or "wikitext2", details)
 

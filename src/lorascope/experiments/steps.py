@@ -7,10 +7,12 @@ STS-B Spearman against the base, −100 (tuned − base) / |base|; drift: 1 − 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from lorascope.experiments.store import RECORD, Store
 from lorascope.experiments.units import Unit
 
 SCAN_FILE = "scan.json"
@@ -49,20 +51,27 @@ def scan_metrics(summary: dict[str, Any]) -> dict[str, Any]:
             "n_matrices": s["n_matrices"], "effective_rank": s["mean_delta_effective_rank"]}
 
 
-def forgetting_metrics(base: str, tuned_run: Path, settings: dict[str, Any], device: str) -> dict[str, Any]:
+def forgetting_metrics(base: str, tuned_run: Path, settings: dict[str, Any], device: str,
+                       known_base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every forgetting metric of ``tuned_run`` (a run folder) against ``base``: value, base value and
-    % change, plus ``forgetting`` from the primary one (see the module docstring)."""
+    % change, plus ``forgetting`` from the primary one (see the module docstring). ``known_base``: the
+    base's values (``{metric}_base``) measured by a unit with the same base and settings
+    (:func:`dependency_base_values`); those are not measured again."""
     from lorascope.evaluate import evaluate
+    from lorascope.evaluate.metrics import relative_change
 
     out: dict[str, Any] = {}
     for metric in settings["metrics"]:
         data = settings["sts_data"] if metric == "sts" else settings["data"]
+        known = (known_base or {}).get(f"{metric}_base")
         r = evaluate(base, adapter=str(tuned_run), metric=metric, data=data,
                      max_examples=settings["max_examples"], batch_size=settings["batch_size"],
-                     max_length=settings["max_length"], device=device, progress=False)
+                     max_length=settings["max_length"], device=device, progress=False,
+                     score_base=known is None)
+        base_value = r["base"] if known is None else known
         out[metric] = r["tuned"]
-        out[f"{metric}_base"] = r["base"]
-        out[f"{metric}_change_pct"] = r["change_pct"]
+        out[f"{metric}_base"] = base_value
+        out[f"{metric}_change_pct"] = relative_change(base_value, r["tuned"])
     primary = settings["primary"]
     if primary == "sts":
         change = out["sts_change_pct"]
@@ -71,6 +80,25 @@ def forgetting_metrics(base: str, tuned_run: Path, settings: dict[str, Any], dev
         out["forgetting"] = out[primary]
     out["forgetting_metric"] = primary
     return out
+
+
+def dependency_base_values(u: Unit, store: Store) -> dict[str, Any]:
+    """The base's forgetting values (``{metric}_base``) of ``u``'s first dependency, when it measured them
+    against the same base with the same settings (the fine-tune of an edit), else {}: an edit changes the
+    tuned model only, so the base's numbers are the fine-tune's."""
+    if not u.deps:
+        return {}
+    folder = store.unit_dir(u.deps[0])
+    try:
+        dep = json.loads((folder / "unit.json").read_text())
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = (dep.get("params", {}).get("base") == u.params["base"]
+            and dep.get("params", {}).get("forgetting") == u.params["forgetting"])
+    metrics = record.get("metrics", {}) if same else {}
+    return {f"{m}_base": metrics[f"{m}_base"] for m in u.params["forgetting"]["metrics"]
+            if isinstance(metrics.get(f"{m}_base"), (int, float))}
 
 
 def task_metrics(run: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from lorascope.errors import InputError
 from lorascope.experiments.arms import ArmsGrid
 from lorascope.experiments.checks import each
-from lorascope.experiments.steps import SCAN_FILE, forgetting_metrics, scan_metrics, scan_unit
+from lorascope.experiments.steps import (
+    SCAN_FILE,
+    dependency_base_values,
+    forgetting_metrics,
+    scan_metrics,
+    scan_unit,
+)
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, train_unit
 
@@ -82,7 +88,8 @@ def run_mitigate(u: Unit, folder: Path, store: Store):
     if u.params["scan_each"]:
         scan = scan_unit(u, target, folder, device)
         metrics.update(scan_metrics(scan.summary()))
-    metrics.update(forgetting_metrics(u.params["base"], folder / "run", u.params["forgetting"], device))
+    metrics.update(forgetting_metrics(u.params["base"], folder / "run", u.params["forgetting"], device,
+                                      known_base=dependency_base_values(u, store)))
     paths = {"run": folder / "run", "mitigation": target / "mitigation.json"}
     if scan is not None:
         paths["scan"] = folder / SCAN_FILE
@@ -93,7 +100,7 @@ def task_score(run_dir: Path, task: str, max_examples: int | None, max_length: i
     from lorascope.evaluate import evaluate
 
     r = evaluate(str(run_dir), metric="accuracy", data=task, max_examples=max_examples, max_length=max_length,
-                 device=device, progress=False)
+                 device=device, progress=False, score_base=False)  # the tuned model's score only
     name = r["details"].get("score", "accuracy")
     out = {name: r["tuned"], "task_score": r["tuned"]}
     if name == "exact_match":  # a decoder's accuracy, as steps.task_metrics names it

@@ -23,7 +23,13 @@ from lorascope.errors import InputError
 from lorascope.experiments.arms import ArmsGrid
 from lorascope.experiments.checks import each
 from lorascope.experiments.kinds.intervention import task_score
-from lorascope.experiments.steps import SCAN_FILE, forgetting_metrics, scan_metrics, scan_unit
+from lorascope.experiments.steps import (
+    SCAN_FILE,
+    dependency_base_values,
+    forgetting_metrics,
+    scan_metrics,
+    scan_unit,
+)
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, train_unit
 
@@ -92,7 +98,8 @@ def run_edit(u: Unit, folder: Path, store: Store):
         metrics.update(update_distance(u.params["base"], exact, target, s["modules"]))
     scan = scan_unit(u, target, folder, device)
     metrics.update(scan_metrics(scan.summary()))
-    metrics.update(forgetting_metrics(u.params["base"], folder / "run", u.params["forgetting"], device))
+    metrics.update(forgetting_metrics(u.params["base"], folder / "run", u.params["forgetting"], device,
+                                      known_base=dependency_base_values(u, store)))
     return metrics, scan, {"run": folder / "run", "scan": folder / SCAN_FILE}
 
 
