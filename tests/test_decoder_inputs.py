@@ -125,3 +125,52 @@ def test_evaluate_scores_a_decoder_run_on_its_own_task(tmp_path: Path):
         assert r["details"]["score"] == name and r["higher_is_better"] == (name == "exact_match")
         assert r["tuned"] == pytest.approx(record["metrics"][field], rel=1e-5)
         assert r["base"] != r["tuned"] or name == "exact_match"
+
+
+def _saved_unigram_tokenizer(folder: Path, tokenizer_class: str):
+    """A small Unigram tokenizer (as transformers 5.17 builds Gemma 3's from its GGUF), saved with the
+    tokenizer class its config names."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = ["the quick brown fox jumps over the lazy dog", "robert went to the market and bought twelve apples",
+            "numbers like 12 and 34 make 46", "a stitch in time saves nine"] * 50
+    tok.train_from_iterator(text, trainers.UnigramTrainer(vocab_size=120, unk_token="<unk>",
+                                                          special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    return fast
+
+
+def test_a_saved_tokenizer_loads_as_its_tokenizer_json_says(tmp_path, monkeypatch):
+    """transformers reloads a Unigram tokenizer saved as GemmaTokenizer as a BPE without merges (single
+    characters: Gemma 3's WikiText-2 loss 10 instead of 5 on the GPU machine). lorascope loads the file as
+    written instead, and says so when it cannot."""
+    from transformers import AutoTokenizer
+
+    from lorascope import models
+
+    text = "robert bought twelve apples"
+    fast = _saved_unigram_tokenizer(tmp_path, "GemmaTokenizer")
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids != fast(text).input_ids  # the trap is real
+    loaded = models.load_tokenizer(tmp_path)
+    assert loaded(text).input_ids == fast(text).input_ids
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<bos>", "<eos>", "<pad>")
+    plain = tmp_path / "plain"
+    _saved_unigram_tokenizer(plain, "PreTrainedTokenizerFast")
+    assert type(models.load_tokenizer(plain)).__name__ == type(AutoTokenizer.from_pretrained(plain)).__name__
+    # a file no loader reproduces is refused, naming the folder
+    import transformers
+
+    wrong = AutoTokenizer.from_pretrained(tmp_path)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: wrong))
+    with pytest.raises(InputError, match="does not load as its tokenizer.json defines it"):
+        models.load_tokenizer(tmp_path)

@@ -141,11 +141,41 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
                 return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
         tokenizer = _gguf_memo(path, ("tokenizer", trust_remote_code), load) if extra else load()
+        if not extra and (Path(path) / "tokenizer.json").is_file():
+            tokenizer = _as_saved(tokenizer, Path(path))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {path}: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = fallback_pad_token(tokenizer)
     return tokenizer
+
+
+# Words, digits, accents, CJK, an emoji, markup and a contraction: what a tokenizer rebuilt differently
+# from its tokenizer.json splits differently.
+_PROBE = "Robert bought 12 + 34 = 46 apples.\n  Ünïcödé — naïve café 東京 🙂 <tag> don't"
+
+
+def _as_saved(tokenizer: Any, folder: Path) -> Any:
+    """The folder's tokenizer as its tokenizer.json defines it. transformers may rebuild a saved tokenizer
+    through the class its config names: 5.17 reloads the Unigram tokenizer of Gemma 3's GGUF as
+    ``GemmaTokenizer``, a BPE with no merges, i.e. single characters (WikiText-2 loss 10 instead of 5).
+    The loaded tokenizer is compared with tokenizer.json on a probe text; if they differ, the file is
+    loaded as written, and if that differs too the folder is refused."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    saved = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    saved.no_truncation()  # a file saved mid-training can keep its truncation length
+    saved.no_padding()
+    want = saved.encode(_PROBE, add_special_tokens=False).ids
+    if not getattr(tokenizer, "is_fast", False) or tokenizer(_PROBE, add_special_tokens=False)["input_ids"] == want:
+        return tokenizer
+    with quiet_transformers():
+        plain = PreTrainedTokenizerFast.from_pretrained(folder)
+    if plain(_PROBE, add_special_tokens=False)["input_ids"] != want:
+        raise InputError(f"{folder}: the tokenizer does not load as its tokenizer.json defines it "
+                         f"({type(tokenizer).__name__} splits text differently)")
+    return plain
 
 
 def head_class(objective: str) -> type:
