@@ -268,6 +268,9 @@ def test_intervention_study(assets, tmp_path, monkeypatch):
         tuned = next(t for t in records if t["action"] == "train" and t["unit"]["method"] == r["unit"]["method"])
         for m in forgetting:
             assert r["metrics"][f"{m}_base"] == tuned["metrics"][f"{m}_base"]
+        # where a unit's time went: its steps, each timed once, within the unit's own wall time
+        want = {"train", "scan", "forgetting"} if r["action"] == "train" else {"edit", "task", "scan", "forgetting"}
+        assert set(r["phase_seconds"]) == want and sum(r["phase_seconds"].values()) <= r["seconds"] + 1e-3
     for method in ("lora", "full"):
         mine = [r for r in records if r["unit"]["method"] == method]
         tuned = next(r for r in mine if r["action"] == "train")["metrics"]

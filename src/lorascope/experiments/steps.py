@@ -7,8 +7,12 @@ STS-B Spearman against the base, −100 (tuned − base) / |base|; drift: 1 − 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,30 @@ from lorascope.experiments.store import RECORD, Store
 from lorascope.experiments.units import Unit
 
 SCAN_FILE = "scan.json"
+_PHASES: ContextVar[dict[str, float] | None] = ContextVar("phases", default=None)
+
+
+@contextlib.contextmanager
+def phase_times() -> Iterator[dict[str, float]]:
+    """Collect the wall time of every :func:`timed` step run inside (a unit's record keeps them, so a
+    slow study says where its time went)."""
+    times: dict[str, float] = {}
+    token = _PHASES.set(times)
+    try:
+        yield times
+    finally:
+        _PHASES.reset(token)
+
+
+@contextlib.contextmanager
+def timed(name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times = _PHASES.get()
+        if times is not None:
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
 def clean(obj: Any) -> Any:
@@ -33,6 +61,7 @@ def clean(obj: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
+@timed("scan")
 def scan_unit(u: Unit, tuned: Path, folder: Path, device: str):
     """Alg. 1 of ``tuned`` against the pretrained base, saved as folder/scan.json."""
     from lorascope.scanning.api import scan
@@ -51,6 +80,7 @@ def scan_metrics(summary: dict[str, Any]) -> dict[str, Any]:
             "n_matrices": s["n_matrices"], "effective_rank": s["mean_delta_effective_rank"]}
 
 
+@timed("forgetting")
 def forgetting_metrics(base: str, tuned_run: Path, settings: dict[str, Any], device: str,
                        known_base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every forgetting metric of ``tuned_run`` (a run folder) against ``base``: value, base value and

@@ -23,7 +23,16 @@ from typing import Any
 
 from lorascope.experiments.config import ExperimentConfig
 from lorascope.experiments.kinds import KINDS
-from lorascope.experiments.steps import SCAN_FILE, clean, forgetting_metrics, scan_metrics, scan_unit, task_metrics
+from lorascope.experiments.steps import (
+    SCAN_FILE,
+    clean,
+    forgetting_metrics,
+    phase_times,
+    scan_metrics,
+    scan_unit,
+    task_metrics,
+    timed,
+)
 from lorascope.experiments.store import RECORD, RECORD_VERSION, Store
 from lorascope.experiments.units import Unit, dedupe
 from lorascope.io.writers import atomic_write_json
@@ -64,7 +73,8 @@ def execute(unit: dict[str, Any], root: str, threads: int | None = None) -> dict
     atomic_write_json(folder / "unit.json", {"key": u.key, **u.to_dict()})
     start = time.perf_counter()
     try:
-        metrics, scan, paths = actions()[u.action](u, folder, store)
+        with phase_times() as phases:
+            metrics, scan, paths = actions()[u.action](u, folder, store)
     finally:
         _release_gpu_cache()
     from lorascope.runtime import library_versions
@@ -81,6 +91,7 @@ def execute(unit: dict[str, Any], root: str, threads: int | None = None) -> dict
         "paths": {name: store.rel(p) for name, p in paths.items()},
         "deps": list(u.deps),
         "seconds": round(time.perf_counter() - start, 3),
+        "phase_seconds": {name: round(t, 3) for name, t in phases.items()},  # train, edit, task, scan, forgetting
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
     }
@@ -104,7 +115,8 @@ def _run_train(u: Unit, folder: Path, store: Store):
     cfg = TrainConfig(**u.train)
     hooks = getattr(KINDS.get(u.study), "train_hooks", None)
     callbacks, paths, finish = hooks(u, folder, cfg) if hooks else ([], {}, None)
-    run = train(cfg, folder / "run", progress=False, callbacks=callbacks)
+    with timed("train"):
+        run = train(cfg, folder / "run", progress=False, callbacks=callbacks)
     tuned = folder / "run" / (run["layout"]["adapter"] or run["layout"]["model"])
     result = scan_unit(u, tuned, folder, cfg.device)
     metrics = {**task_metrics(run), **scan_metrics(result.summary())}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorascope.experiments.arms import ArmsGrid
-from lorascope.experiments.steps import SCAN_FILE, forgetting_metrics, scan_metrics, scan_unit, task_metrics
+from lorascope.experiments.steps import SCAN_FILE, forgetting_metrics, scan_metrics, scan_unit, task_metrics, timed
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, task_label, train_unit
 
@@ -51,7 +51,8 @@ def run_continual(u: Unit, folder: Path, store: Store):
     base = u.params["base"]
     start = base if not u.deps else str(stage_model(store, u.deps[-1]))
     cfg = TrainConfig(**{**u.train, "model": start})
-    run = train(cfg, folder / "run", progress=False)
+    with timed("train"):
+        run = train(cfg, folder / "run", progress=False)
     if run["method"] == "lora":  # fold the adapter in; the next stage starts a fresh one on top
         merge_lora(folder / "run", folder / "merged")
     model_run = stage_model(store, u.key)

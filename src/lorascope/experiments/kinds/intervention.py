@@ -18,6 +18,7 @@ from lorascope.experiments.steps import (
     forgetting_metrics,
     scan_metrics,
     scan_unit,
+    timed,
 )
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, train_unit
@@ -72,10 +73,11 @@ def run_mitigate(u: Unit, folder: Path, store: Store):
     layout = read_run(source)["layout"]
     s, device = u.params["scan"], u.train.get("device", "auto")
     control = None if u.params["control"] == "intruder" else "neighbour"
-    result, target = mitigate_run(u.params["base"], source, folder / "run", origin=store.rel(source),
-                                  lam=u.params["lam"], epsilon=s["epsilon"], k=s["k"], which=u.params["which"],
-                                  control=control, modules=s["modules"],
-                                  format="adapter" if layout["adapter"] else "merged", device=device)
+    with timed("edit"):
+        result, target = mitigate_run(u.params["base"], source, folder / "run", origin=store.rel(source),
+                                      lam=u.params["lam"], epsilon=s["epsilon"], k=s["k"], which=u.params["which"],
+                                      control=control, modules=s["modules"],
+                                      format="adapter" if layout["adapter"] else "merged", device=device)
 
     summary = result.summary()
     metrics: dict[str, Any] = {"n_directions": summary["n_directions"], "n_changed": summary["n_changed"],
@@ -96,6 +98,7 @@ def run_mitigate(u: Unit, folder: Path, store: Store):
     return metrics, scan, paths
 
 
+@timed("task")
 def task_score(run_dir: Path, task: str, max_examples: int | None, max_length: int, device: str) -> dict:
     from lorascope.evaluate import evaluate
 

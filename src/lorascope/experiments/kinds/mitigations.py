@@ -29,6 +29,7 @@ from lorascope.experiments.steps import (
     forgetting_metrics,
     scan_metrics,
     scan_unit,
+    timed,
 )
 from lorascope.experiments.store import Store
 from lorascope.experiments.units import Unit, shared_params, train_unit
@@ -81,12 +82,15 @@ def run_edit(u: Unit, folder: Path, store: Store):
     s, device, lam = u.params["scan"], u.train.get("device", "auto"), u.params["lam"]
     metrics: dict[str, Any] = {}
     if u.params["edit"] == "peft":
-        metrics.update(peft_reduce(u, source, folder / "run", store.rel(source)))
+        with timed("edit"):
+            metrics.update(peft_reduce(u, source, folder / "run", store.rel(source)))
         target = folder / "run" / "adapter"
     else:
-        result, target = mitigate_run(u.params["base"], source, folder / "run", origin=store.rel(source), lam=lam,
-                                      epsilon=s["epsilon"], k=s["k"], which="all", modules=s["modules"],
-                                      format="adapter", compress=u.params["compress"], device=device)
+        with timed("edit"):
+            result, target = mitigate_run(u.params["base"], source, folder / "run", origin=store.rel(source),
+                                          lam=lam, epsilon=s["epsilon"], k=s["k"], which="all",
+                                          modules=s["modules"], format="adapter", compress=u.params["compress"],
+                                          device=device)
         summary = result.summary()
         metrics.update(n_changed=summary["n_changed"], n_intruders_before=summary["n_intruders"],
                        max_rel_error=summary["max_rel_error"])
