@@ -217,3 +217,23 @@ def test_a_memoised_real_gguf_tokenizer_and_model_equal_a_fresh_load():
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_a_gguf_file_is_opened_once_per_process_while_unchanged(tmp_path, monkeypatch):
+    import os
+
+    from lorascope.io import gguf as gguf_io
+
+    monkeypatch.setattr(gguf_io, "_OPEN", {})
+    path = tmp_path / "tiny.Q8_0.gguf"
+    write_tiny_llama(path)
+    first, second = Checkpoint(path), Checkpoint(path)
+    assert first._gguf[path] is second._gguf[path]  # one parse of the header and the name map
+    first.config["model_type"] = "changed"  # a checkpoint's config is its own
+    assert second.config["model_type"] == "llama"
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = second.get(name)
+    write_tiny_llama(path, gguf.GGMLQuantizationType.Q5_0)
+    os.utime(path, ns=(1, 1))
+    third = Checkpoint(path)
+    assert third._gguf[path] is not first._gguf[path] and not torch.equal(third.get(name), before)

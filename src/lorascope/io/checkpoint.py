@@ -178,10 +178,10 @@ class Checkpoint:
             for k in sd:
                 self._where[k] = f
         elif suffix == ".gguf":
-            from lorascope.io.gguf import GGUFFile
+            from lorascope.io.gguf import open_gguf
 
-            self._gguf[f] = handle = GGUFFile(f)
-            self.config = handle.config  # a config.json beside the file, read after this, wins
+            self._gguf[f] = handle = open_gguf(f)
+            self.config = dict(handle.config)  # a config.json beside the file, read after this, wins
             for k in handle.names():
                 self._where[k] = f
         else:
