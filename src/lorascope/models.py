@@ -42,6 +42,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from lorascope.data.features import fallback_pad_token
 from lorascope.errors import InputError, MismatchError
+from lorascope.io.checkpoint import file_identity
 from lorascope.io.writers import atomic_dir, atomic_write_json
 
 RUN_FILE = "run.json"
@@ -108,8 +109,7 @@ GGUF_MEMO_SIZE = 2  # entries; each holds a float32 model (SmolLM2 0.5 GB, Gemma
 
 def _gguf_memo(path: str | os.PathLike, what: tuple, load: Callable[[], Any]) -> Any:
     """``load()``, or a deep copy of its earlier result for the same unchanged GGUF file and ``what``."""
-    st = Path(path).stat()
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, what)
+    key = (*file_identity(path), what)
     if key not in _GGUF_MEMO:
         _GGUF_MEMO[key] = load()
         while len(_GGUF_MEMO) > GGUF_MEMO_SIZE:
@@ -164,7 +164,10 @@ def _as_saved(tokenizer: Any, folder: Path) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    saved = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        saved = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise InputError(f"{folder / 'tokenizer.json'}: not a readable tokenizer file ({e})") from e
     saved.no_truncation()  # a file saved mid-training can keep its truncation length
     saved.no_padding()
     want = saved.encode(_PROBE, add_special_tokens=False).ids

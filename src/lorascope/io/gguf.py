@@ -14,7 +14,6 @@ the one tensor. ``tests/test_gguf.py`` checks every tensor against transformers'
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from lorascope.errors import InputError
+from lorascope.io.checkpoint import file_identity
 
 
 class GGUFFile:
@@ -108,8 +108,7 @@ def open_gguf(path: Path) -> GGUFFile:
     """``GGUFFile(path)``, kept per process while the file is unchanged: opening parses the metadata
     through transformers (a full ``GGUFReader``) and builds the name map, 5 s for SmolLM2-135M on 2 cores,
     and an experiment worker opens its base for every unit (an edit: twice). A ``GGUFFile`` is read-only."""
-    st = path.stat()
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    key = file_identity(path)
     with _OPEN_LOCK:
         handle = _OPEN.pop(key, None) or GGUFFile(path)
         _OPEN[key] = handle  # most recently used last

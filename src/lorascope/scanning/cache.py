@@ -102,7 +102,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import TensorSource, read_location, safetensors_header
+from lorascope.io.checkpoint import TensorSource, file_identity, read_location, safetensors_header
 from lorascope.io.layout import orient
 from lorascope.io.writers import atomic_write_bytes
 from lorascope.spectral import SVD, left_basis
@@ -657,8 +657,7 @@ def _what(key: str) -> str:
 
 def _identity(file: Path) -> tuple | None:
     try:
-        st = os.stat(file)
-        return (str(Path(file).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        return file_identity(file)
     except (OSError, TypeError, ValueError):  # no file behind this source (e.g. in memory): no memo
         return None
 
