@@ -42,7 +42,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from lorascope.data.features import fallback_pad_token
 from lorascope.errors import InputError, MismatchError
-from lorascope.io.checkpoint import file_identity
+from lorascope.io.identity import file_identity
 from lorascope.io.writers import atomic_dir, atomic_write_json
 
 RUN_FILE = "run.json"

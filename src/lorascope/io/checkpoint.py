@@ -32,14 +32,6 @@ from lorascope.errors import InputError, NonFiniteError
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def file_identity(path: str | os.PathLike) -> tuple:
-    """What says a file is unchanged since it was last read: real path, size, mtime, ctime, inode and
-    device (ctime cannot be set by a user: a file rewritten with its mtime restored has a new one).
-    Raises OSError when there is no file."""
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-
-
 def resolve_path(spec: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
     """Return a local path for ``spec``: an existing file or folder, else a hub id downloaded by
     huggingface_hub (the only network access lorascope makes, and only when a hub id is named)."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import file_identity
+from lorascope.io.identity import file_identity
 
 
 class GGUFFile:

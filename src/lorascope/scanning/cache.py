@@ -102,7 +102,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from lorascope.errors import InputError
-from lorascope.io.checkpoint import TensorSource, file_identity, read_location, safetensors_header
+from lorascope.io.checkpoint import TensorSource, read_location, safetensors_header
+from lorascope.io.identity import file_identity
 from lorascope.io.layout import orient
 from lorascope.io.writers import atomic_write_bytes
 from lorascope.spectral import SVD, left_basis
