@@ -434,6 +434,12 @@ def test_cli_run_and_status(assets, tmp_path):
     assert len(lines(out / "records.jsonl")) == 1
     result = runner.invoke(app, ["experiment", "status", str(out)])
     assert result.exit_code == 0 and "1/2 units done" in result.output
+    assert "Time per unit, mean seconds" in result.output  # where the finished unit's time went
+    from lorascope.experiments.show import time_table
+
+    row = experiment_status(out)["rows"]
+    table = time_table(row)
+    assert [c.header for c in table.columns] == ["action", "units", "train", "scan", "forgetting", "whole unit"]
 
 
 @pytest.mark.slow

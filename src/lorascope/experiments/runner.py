@@ -303,12 +303,14 @@ def experiment_status(root: str | os.PathLike) -> dict[str, Any]:
         else:
             state = "pending"
         rows.append({"key": p["key"], "action": p["action"], "unit": p["unit"], "state": state,
-                     "metrics": rec["metrics"] if rec else {}, "seconds": rec["seconds"] if rec else None})
+                     "metrics": rec["metrics"] if rec else {}, "seconds": rec["seconds"] if rec else None,
+                     "phase_seconds": rec.get("phase_seconds") if rec else None})
     keys = {p["key"] for p in planned}
     for key, rec in records.items():
         if key not in keys:
             rows.append({"key": key, "action": rec.get("action"), "unit": rec["unit"], "state": "stale",
-                         "metrics": rec["metrics"], "seconds": rec.get("seconds")})
+                         "metrics": rec["metrics"], "seconds": rec.get("seconds"),
+                         "phase_seconds": rec.get("phase_seconds")})
     return {"root": str(store.root), "name": exp.get("name"), "kind": exp.get("kind"), "running_pid": pid,
             "total": len(planned), "done": sum(1 for r in rows if r["state"] == "done"), "rows": rows,
             "derived": derive(exp.get("kind", ""), list(records.values()))}

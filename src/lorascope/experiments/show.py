@@ -45,6 +45,9 @@ def status_tables(status: dict[str, Any]) -> list[Any]:
                       *(_fmt(r["unit"].get(k)) for k in varying), *(_fmt(m.get(key)) for key, _ in COLUMNS),
                       *(_fmt(m.get(key)) for key in extra), _fmt(r["seconds"] and round(r["seconds"])))
     out: list[Any] = [table]
+    steps = time_table(rows)
+    if steps is not None:
+        out.append(steps)
     corr = status["derived"].get("spearman")
     if corr:
         t = Table(title="Spearman ρ(intruders, forgetting)")
@@ -68,3 +71,27 @@ def status_tables(status: dict[str, Any]) -> list[Any]:
             t.add_row(arm, str(row["arm"].get("control")), *(_fmt(c) for c in cells))
         out.append(t)
     return out
+
+
+def time_table(rows: list[dict[str, Any]]) -> Table | None:
+    """Where the finished units' time went: per action, the mean wall seconds of each step
+    (records' ``phase_seconds``) and of the whole unit."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["state"] == "done" and r.get("phase_seconds"):
+            steps = per.setdefault(r["action"], {"unit": []})
+            steps["unit"].append(r["seconds"])
+            for name, t in r["phase_seconds"].items():
+                steps.setdefault(name, []).append(t)
+    if not per:
+        return None
+    names = list(dict.fromkeys(n for steps in per.values() for n in steps if n != "unit"))
+    table = Table(title="Time per unit, mean seconds")
+    for col in ("action", "units", *names, "whole unit"):
+        table.add_column(col, justify="left" if col == "action" else "right")
+    for action, steps in per.items():
+        table.add_row(action, str(len(steps["unit"])),
+                      *(_fmt(round(sum(steps[n]) / len(steps[n]), 1)) if n in steps else "–" for n in names),
+                      _fmt(round(sum(steps["unit"]) / len(steps["unit"]), 1)))
+    return table
+
