@@ -160,12 +160,13 @@ def test_a_saved_tokenizer_loads_as_its_tokenizer_json_says(tmp_path, monkeypatc
     text = "robert bought twelve apples"
     fast = _saved_unigram_tokenizer(tmp_path, "GemmaTokenizer")
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids != fast(text).input_ids  # the trap is real
-    loaded = models.load_tokenizer(tmp_path)
+    assert models.load_tokenizer(tmp_path)(text).input_ids != fast(text).input_ids  # a user's folder: as transformers
+    loaded = models.load_tokenizer(tmp_path, as_saved=True)  # a run's tokenizer: as it was saved
     assert loaded(text).input_ids == fast(text).input_ids
     assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<bos>", "<eos>", "<pad>")
     plain = tmp_path / "plain"
     _saved_unigram_tokenizer(plain, "PreTrainedTokenizerFast")
-    assert type(models.load_tokenizer(plain)).__name__ == type(AutoTokenizer.from_pretrained(plain)).__name__
+    assert type(models.load_tokenizer(plain, as_saved=True)) is type(AutoTokenizer.from_pretrained(plain))
     # a file no loader reproduces is refused, naming the folder
     import transformers
 
@@ -173,4 +174,26 @@ def test_a_saved_tokenizer_loads_as_its_tokenizer_json_says(tmp_path, monkeypatc
     monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained",
                         classmethod(lambda cls, *a, **k: wrong))
     with pytest.raises(InputError, match="does not load as its tokenizer.json defines it"):
-        models.load_tokenizer(tmp_path)
+        models.load_tokenizer(tmp_path, as_saved=True)
+
+
+def test_a_run_is_scored_with_the_tokenizer_it_saved(tmp_path):
+    """load_trained(RUN) reads the run's tokenizer as saved: a run whose tokenizer is the Unigram saved
+    as GemmaTokenizer encodes as that tokenizer, not as AutoTokenizer rebuilds it."""
+    import shutil
+
+    from lorascope.models import load_trained, read_run
+    from lorascope.train import TrainConfig, train
+    from lorascope.train.tiny import save_tiny_model, write_toy_corpus
+
+    base = save_tiny_model(tmp_path / "llama", "llama")
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(base), task=str(write_toy_corpus(tmp_path / "corpus.txt")), method="lora",
+                      epochs=1, max_length=16, device="cpu", max_examples=8), run, progress=False)
+    saved = run / read_run(run)["layout"]["tokenizer"]
+    shutil.rmtree(saved)
+    fast = _saved_unigram_tokenizer(saved, "GemmaTokenizer")
+    _, tokenizer = load_trained(run)
+    text = "robert bought twelve apples"
+    assert tokenizer(text).input_ids == fast(text).input_ids
+

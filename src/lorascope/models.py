@@ -131,8 +131,11 @@ def quiet_transformers() -> Iterator[None]:
         transformers.utils.logging.enable_progress_bar()
 
 
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer with a pad token (EOS, else UNK, when the tokenizer has none)."""
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, *, as_saved: bool = False) -> Any:
+    """AutoTokenizer with a pad token (EOS, else UNK, when the tokenizer has none). ``as_saved``: a
+    tokenizer lorascope saved (a run's), which must split text exactly as its tokenizer.json does, the
+    tokenizer the run was trained with (:func:`_as_saved`); a user's or the hub's folder loads as
+    transformers loads it."""
     try:
         source, extra = hf_source(path)
 
@@ -141,7 +144,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
                 return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
 
         tokenizer = _gguf_memo(path, ("tokenizer", trust_remote_code), load) if extra else load()
-        if not extra and (Path(path) / "tokenizer.json").is_file():
+        if as_saved and (Path(path) / "tokenizer.json").is_file():
             tokenizer = _as_saved(tokenizer, Path(path))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a tokenizer from {path}: {e}") from e
@@ -309,7 +312,7 @@ def load_trained(
         model, tokenizer = _load_plain(run_dir_or_model, trust_remote_code)
     elif is_run(adapter):
         record = read_run(adapter)
-        tokenizer = load_tokenizer(Path(adapter) / record["layout"]["tokenizer"], trust_remote_code)
+        tokenizer = load_tokenizer(Path(adapter) / record["layout"]["tokenizer"], trust_remote_code, as_saved=True)
         if record["method"] == "lora":
             base = load_base_for_run(record, run_dir_or_model, trust_remote_code)
             set_pad_token(base, tokenizer)
