@@ -106,7 +106,11 @@ def test_in_process_smoke_run_writes_every_row_and_the_target_table(tmp_path, on
     assert max(fam["max_err_vs_fp64"].values()) < 1e-3
     whats = [t["what"] for t in saved["table"]]
     assert any(w.startswith("lora vs two-SVD baseline") for w in whats)
-    assert any("adapters per minute" in w for w in whats)
+    # a rate exists only when the batch took longer than the first scan: on a tiny model a loaded machine
+    # can invert the two, and the benchmark then says "n/a" rather than print a negative rate
+    rate = saved["rows"]["many"]["adapters_per_minute"]
+    assert any("adapters per minute" in w for w in whats) == (rate is not None)
+    assert rate is None or rate > 0
     assert report["table"] == saved["table"]
 
 
