@@ -172,7 +172,7 @@ def test_a_gguf_base_loads_once_per_process_and_callers_get_independent_copies(t
 
     from lorascope import models
 
-    monkeypatch.setattr(models, "_GGUF_MEMO", type(models._GGUF_MEMO)())
+    monkeypatch.setattr(models, "_GGUF_MEMO", type(models._GGUF_MEMO)(size=2))
     path = tmp_path / "tiny.Q8_0.gguf"
     write_tiny_llama(path)
     calls = []
@@ -224,7 +224,7 @@ def test_a_gguf_file_is_opened_once_per_process_while_unchanged(tmp_path, monkey
 
     from lorascope.io import gguf as gguf_io
 
-    monkeypatch.setattr(gguf_io, "_OPEN", {})
+    monkeypatch.setattr(gguf_io, "_OPEN", type(gguf_io._OPEN)(size=2))
     path = tmp_path / "tiny.Q8_0.gguf"
     write_tiny_llama(path)
     first, second = Checkpoint(path), Checkpoint(path)

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from lorascope.data.features import fallback_pad_token
 from lorascope.errors import InputError, MismatchError
-from lorascope.io.identity import file_identity
+from lorascope.io.identity import FileMemo
 from lorascope.io.writers import atomic_dir, atomic_write_json
 
 RUN_FILE = "run.json"
@@ -103,19 +102,12 @@ def hf_source(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
 # that loads one GGUF base many times (an experiment worker's units; evaluate's base and tuned sides)
 # keeps its first load and hands out deep copies, so no caller can change what the next one gets. The
 # key holds the file's identity (a rewritten file is loaded again) and every load argument.
-_GGUF_MEMO: OrderedDict[tuple, Any] = OrderedDict()
-GGUF_MEMO_SIZE = 2  # entries; each holds a float32 model (SmolLM2 0.5 GB, Gemma 3 270M 1.1 GB)
+_GGUF_MEMO = FileMemo(size=2)  # each entry a float32 model (SmolLM2 0.5 GB, Gemma 3 270M 1.1 GB) or tokenizer
 
 
 def _gguf_memo(path: str | os.PathLike, what: tuple, load: Callable[[], Any]) -> Any:
     """``load()``, or a deep copy of its earlier result for the same unchanged GGUF file and ``what``."""
-    key = (*file_identity(path), what)
-    if key not in _GGUF_MEMO:
-        _GGUF_MEMO[key] = load()
-        while len(_GGUF_MEMO) > GGUF_MEMO_SIZE:
-            _GGUF_MEMO.popitem(last=False)
-    _GGUF_MEMO.move_to_end(key)
-    return copy.deepcopy(_GGUF_MEMO[key])
+    return copy.deepcopy(_GGUF_MEMO.get(path, what, load))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lorascope.errors import InputError
-from lorascope.io.identity import file_identity
+from lorascope.io.identity import FileMemo
 
 
 class GGUFFile:
@@ -99,22 +99,14 @@ class GGUFFile:
         return out
 
 
-_OPEN: dict[tuple, GGUFFile] = {}
-_OPEN_LOCK = threading.Lock()
-OPEN_SIZE = 2  # files kept open per process
+_OPEN = FileMemo(size=2)  # files kept open per process
 
 
 def open_gguf(path: Path) -> GGUFFile:
     """``GGUFFile(path)``, kept per process while the file is unchanged: opening parses the metadata
     through transformers (a full ``GGUFReader``) and builds the name map, 5 s for SmolLM2-135M on 2 cores,
     and an experiment worker opens its base for every unit (an edit: twice). A ``GGUFFile`` is read-only."""
-    key = file_identity(path)
-    with _OPEN_LOCK:
-        handle = _OPEN.pop(key, None) or GGUFFile(path)
-        _OPEN[key] = handle  # most recently used last
-        while len(_OPEN) > OPEN_SIZE:
-            _OPEN.pop(next(iter(_OPEN)))
-    return handle
+    return _OPEN.get(path, None, lambda: GGUFFile(path))
 
 
 @dataclass(frozen=True)
