@@ -197,3 +197,14 @@ def test_a_run_is_scored_with_the_tokenizer_it_saved(tmp_path):
     text = "robert bought twelve apples"
     assert tokenizer(text).input_ids == fast(text).input_ids
 
+
+
+def test_a_run_tokenizer_that_is_not_json_is_an_input_error_naming_the_folder(tmp_path):
+    from lorascope import models
+
+    tiny_tokenizer("llama").save_pretrained(tmp_path)
+    before = b'{"not": "a tokenizer"'
+    (tmp_path / "tokenizer.json").write_bytes(before)
+    with pytest.raises(InputError, match=str(tmp_path)):
+        models.load_tokenizer(tmp_path, as_saved=True)
+    assert (tmp_path / "tokenizer.json").read_bytes() == before  # the input is left as it was
