@@ -266,6 +266,14 @@ def test_score_base_false_scores_only_the_tuned_model(tiny, monkeypatch):
         assert one["tuned"] == pytest.approx(ref["tuned"], abs=1e-9), metric
         assert one["base"] is None and one["change"] is None and one["change_pct"] is None
     assert len(calls) == 1  # lm-loss scored the tuned model alone
+    from lorascope.evaluate import sides
+
+    loaded = []
+    real_load = sides.load_trained
+    monkeypatch.setattr(sides, "load_trained", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    evaluate(tiny["llama-lm"], metric="lm-loss", data=tiny["corpus"], max_length=32, progress=False,
+             score_base=False)
+    assert len(loaded) == 1  # nor loaded the base (a GGUF base costs 20 s a load)
     assert set(evaluate(tiny["llama-lm"], metric="lm-loss", data=tiny["corpus"], max_length=32, progress=False,
                         score_base=False)["details"]["perplexity"]) == {"tuned"}
     with pytest.raises(InputError, match="needs a tuned model"):

@@ -102,7 +102,9 @@ def hf_source(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
 # that loads one GGUF base many times (an experiment worker's units; evaluate's base and tuned sides)
 # keeps its first load and hands out deep copies, so no caller can change what the next one gets. The
 # key holds the file's identity (a rewritten file is loaded again) and every load argument.
-_GGUF_MEMO = FileMemo(size=2)  # each entry a float32 model (SmolLM2 0.5 GB, Gemma 3 270M 1.1 GB) or tokenizer
+# Four entries: a unit of a study uses up to three (the causal LM, the backbone AutoModel of an evaluated
+# base, the tokenizer); with two, each evicted the next one needed and every load missed.
+_GGUF_MEMO = FileMemo(size=4)  # each entry a float32 model (SmolLM2 0.5 GB, Gemma 3 270M 1.1 GB) or tokenizer
 
 
 def _gguf_memo(path: str | os.PathLike, what: tuple, load: Callable[[], Any]) -> Any:

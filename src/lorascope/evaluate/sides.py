@@ -16,7 +16,9 @@ is scored with the tuned run's classifier, and a classifier-tuned RoBERTa with R
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,29 +41,42 @@ PRETRAINING_HEADS = {"mlm": (AutoModelForMaskedLM, "masked-LM"), "lm": (AutoMode
 
 @dataclass
 class Side:
-    """One of the two models compared."""
+    """One of the two models compared, loaded the first time its model or tokenizer is used: a caller
+    that scores only the tuned side (``score_base=False``) never loads the base."""
 
     name: str  # "base" or "tuned"
-    ref: str  # the folder or id it was loaded from
-    model: torch.nn.Module
-    tokenizer: Any
+    ref: str  # the folder or id it is loaded from
     record: dict[str, Any] | None  # its run record, when it is a run
+    load: Callable[[], tuple[torch.nn.Module, Any]] = field(repr=False)
+
+    @cached_property
+    def _loaded(self) -> tuple[torch.nn.Module, Any]:
+        return self.load()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._loaded[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded[1]
 
 
 def load_sides(
     model: str, adapter: str | None, device: torch.device, trust_remote_code: bool = False
 ) -> tuple[Side, Side | None]:
-    """Load the base and (when there is one) the tuned model."""
+    """The base and (when there is one) the tuned model: the tuned loaded now, the base when first used."""
     tuned = None
     if adapter is not None or is_run(model):
         tuned_ref = str(adapter) if adapter is not None else str(model)
-        m, tok = load_trained(model, adapter, device=device, trust_remote_code=trust_remote_code)
-        tuned = Side("tuned", tuned_ref, m, tok, read_run(tuned_ref) if is_run(tuned_ref) else None)
+        tuned = Side("tuned", tuned_ref, read_run(tuned_ref) if is_run(tuned_ref) else None,
+                     lambda: load_trained(model, adapter, device=device, trust_remote_code=trust_remote_code))
+        tuned.model  # noqa: B018 -- the tuned model always is scored: its load errors come first
         base_ref = str(model) if adapter is not None else read_run(model)["model"]
     else:
         base_ref = str(model)
-    m, tok = load_trained(base_ref, device=device, trust_remote_code=trust_remote_code)
-    base = Side("base", base_ref, m, tok, read_run(base_ref) if is_run(base_ref) else None)
+    base = Side("base", base_ref, read_run(base_ref) if is_run(base_ref) else None,
+                lambda: load_trained(base_ref, device=device, trust_remote_code=trust_remote_code))
     return base, tuned
 
 
