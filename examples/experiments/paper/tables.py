@@ -125,12 +125,13 @@ def continual(store: str) -> None:
 
 
 def decoder(*stores: str) -> None:
-    """SmolLM2 units of any number of stores (methods, sweeps), one row each, ordered by method and lr."""
+    """Decoder units of any number of stores (methods, sweeps), one row each, ordered by method and lr."""
     recs = sorted((r | {"store": s} for s in stores for r in records(s)),
                   key=lambda r: (order(r["unit"]), INITS.index(r["unit"]["method"]) if r["unit"]["method"] in INITS
                                  else -1, r["unit"]["lr"]))
     base = recs[0]["metrics"]["lm-loss_base"]
-    print(f"Base SmolLM2-135M-Instruct on WikiText-2 test: loss {base:.4f}, perplexity {math.exp(base):.2f}.\n")
+    model = json.loads((Path(stores[0]) / "experiment.json").read_text())["config"]["model"]
+    print(f"Base {Path(model).name} on WikiText-2 test: loss {base:.4f}, perplexity {math.exp(base):.2f}.\n")
     rows = []
     for r in recs:
         m, scan = r["metrics"], ScanResult.load(Path(r["store"]) / r["scan"])
