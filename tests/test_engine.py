@@ -240,3 +240,32 @@ def test_cli_scans_a_folder_of_adapters(tmp_path, llama_lora):
     nothing = subprocess.run([sys.executable, "-m", "lorascope", "scan", str(base), str(tmp_path / "zz*")],
                              capture_output=True, text=True)
     assert nothing.returncode == 2 and "matches no file" in nothing.stderr
+
+
+def test_cpu_streams_follow_the_working_set_and_share_the_threads(llama_lora, monkeypatch):
+    from lorascope.scanning import engine
+
+    class Shapes:
+        def __init__(self, shape):
+            self.shape_ = shape
+
+        def shape(self, name):
+            return self.shape_
+
+    jobs = [engine.Job("w", "linear", [(0, "w")])]
+    cpu = torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert engine.default_streams(Shapes((1536, 576)), jobs, cpu, torch.float32) == 2  # SmolLM2's MLP
+        assert engine.default_streams(Shapes((5632, 2048)), jobs, cpu, torch.float32) == 1  # keeps the RSS peak
+        assert engine.default_streams(Shapes((1536, 576)), [], cpu, torch.float32) == 1
+        seen = []
+        real = engine.analyze_matrix
+        monkeypatch.setattr(engine, "analyze_matrix", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        base, adapter, _ = llama_lora(merged=True)
+        scan(str(base), str(adapter), device="cpu", streams=2)
+        assert seen and set(seen) == {1}  # each stream on one thread: two OpenMP teams of 2 spin on 2 cores
+        assert torch.get_num_threads() == 2  # restored for the caller
+    finally:
+        torch.set_num_threads(before)

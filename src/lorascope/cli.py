@@ -82,7 +82,7 @@ def scan(
     cache_budget: str = typer.Option(scan_default("cache_budget"), help="Size limit of --cache-dir (least "
                                      "recently used go)."),
     streams: int = typer.Option(scan_default("streams"), help="Matrices analysed at once (default: 8 on a GPU if "
-                                "memory allows, 1 on the CPU)."),
+                                "memory allows; on the CPU one per thread for small matrices, else 1)."),
     residual_base: str | None = typer.Option(None, help="For a PEFT adapter from a base-changing init (PiSSA, "
                                              "OLoRA, CorDA, LoRA-GA, LoftQ): the model saved right after the init."),
 ) -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from lorascope.io.tuned import TunedSource
     from lorascope.scanning.cache import BasisCache
 
+_CPU_STREAMS_BYTES = 512 << 20  # working sets analysed at once on the CPU (default_streams)
 
 def default_basis(key: str, W: torch.Tensor) -> SVD:
     """The scan's ``basis`` hook when no cache is given: ``left_basis``."""
@@ -201,7 +202,11 @@ def scan_jobs(
     operations and several waits for their results (docs/performance.md). torch releases the GIL
     while it launches kernels and while it waits, so with a few threads the GPU always has work,
     e.g. the Krylov steps of some pairs run while another pair's base ``eigh`` does. Each pair's
-    arithmetic is unchanged, so the records do not depend on ``streams``.
+    arithmetic is unchanged, so the records do not depend on ``streams`` (on the CPU, float32 sums
+    may round differently with the number of BLAS threads, ~1e-5 in max-cos). On the CPU the intra-op
+    threads are shared out among the streams for the scan (torch's thread count is restored after):
+    several streams each on its own OpenMP team of all the cores spin against each other (SmolLM2-135M,
+    2 cores: 2 streams × 2 threads 71.5 s, 2 × 1 13.9 s, 1 × 2 17.2 s).
     """
     hook = None if basis is not None or cache is None else cache.hook(dtype, sides)
     loader = PairLoader(base, sources, device, cache_hook=hook)
@@ -209,6 +214,8 @@ def scan_jobs(
     depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
     workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
     own_streams = streams > 1 and device.type == "cuda"
+    threads = torch.get_num_threads()
+    split_threads = streams > 1 and device.type == "cpu"
     local = threading.local()
 
     def analyze(item: Loaded) -> list[tuple[int, list[MatrixRecord]]]:
@@ -238,6 +245,8 @@ def scan_jobs(
         # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
         # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
         torch.linalg.eigvalsh(torch.eye(2, device=device))
+    if split_threads:
+        torch.set_num_threads(max(1, threads // streams))
     try:
         loaded = prefetch(jobs, loader, workers, depth)
         if streams == 1:
@@ -245,6 +254,8 @@ def scan_jobs(
         else:
             yield from prefetch(loaded, analyze, streams, streams)
     finally:
+        if split_threads:
+            torch.set_num_threads(threads)
         if hook is not None:
             hook.close()
 
@@ -270,11 +281,15 @@ def scan_records(
 
 
 def default_streams(base: TensorSource, jobs: list, device: torch.device, dtype: torch.dtype) -> int:
-    """1 on the CPU (the arithmetic already uses every core). On a GPU 8, or as many as fit in half
-    its free memory when each holds the largest pair's working set: W_0, ΔW or W_t and temporaries
-    (about 6 matrices in ``dtype``), and the float64 Gram matrix, its eigenvectors and ``eigh``'s
-    workspace (about 3 Gram-sized float64 matrices)."""
-    if device.type != "cuda" or not jobs:
+    """How many pairs to analyse at once, from the largest pair's working set: W_0, ΔW or W_t and
+    temporaries (about 6 matrices in ``dtype``), and the float64 Gram matrix, its eigenvectors and
+    ``eigh``'s workspace (about 3 Gram-sized float64 matrices).
+
+    On a GPU 8, or as many as fit in half its free memory. On the CPU one per intra-op thread (at most
+    4) while their working sets together stay within 512 MB, else 1: small matrices (SmolLM2's 576 ×
+    1536) are bound by per-operation overhead and one LAPACK call gains little from a second core,
+    large ones (a 7B layer) keep the peak resident memory of one pair (docs/performance.md)."""
+    if not jobs or device.type not in ("cuda", "cpu"):
         return 1
     itemsize = torch.empty(0, dtype=dtype).element_size()
     need = 0
@@ -283,6 +298,8 @@ def default_streams(base: TensorSource, jobs: list, device: torch.device, dtype:
         mn = math.prod(shape)
         r = min(shape[0], mn // shape[0]) if shape[0] else 0
         need = max(need, 6 * mn * itemsize + 3 * r * r * 8)
+    if device.type == "cpu":
+        return max(1, min(torch.get_num_threads(), 4, _CPU_STREAMS_BYTES // max(need, 1)))
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(8, free // 2 // max(need, 1)))
 

@@ -26,7 +26,7 @@ class ScanOptions(Settings):
     ``embeddings``: also scan embedding matrices; ``device``: auto, cpu, cuda[:N]; ``dtype``: float32
     or float64 for the tuned top-k (the base basis is always float64); ``cache_dir`` / ``cache_budget``:
     keep base decompositions on disk (``scanning.cache``); ``streams``: pairs analysed at once
-    (default 8 on a GPU when memory allows, 1 on the CPU).
+    (default 8 on a GPU when memory allows; on the CPU one per thread while small, else 1).
     """
 
     k: int = 10
