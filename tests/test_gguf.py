@@ -11,11 +11,18 @@ gguf = pytest.importorskip("gguf")
 from lorascope.io.checkpoint import Checkpoint  # noqa: E402
 
 
-def write_tiny_llama(path: Path, qtype=None) -> None:
-    """A 2-layer LLaMA in GGUF, as llama.cpp lays it out (names blk.N.*, Q8_0 matrices)."""
+def write_tiny_llama(path: Path, qtype=None, tokenizer: bool = False, vocab_key: bool = True) -> None:
+    """A 2-layer LLaMA in GGUF, as llama.cpp lays it out (names blk.N.*, Q8_0 matrices); ``tokenizer``:
+    with a BPE vocabulary and merges; ``vocab_key``: with ``llama.vocab_size`` (Gemma 3's files lack it)."""
     qtype = qtype or gguf.GGMLQuantizationType.Q8_0
     h, f, layers, heads, kv, vocab = 64, 96, 2, 4, 2, 128
     w = gguf.GGUFWriter(str(path), "llama")
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"t{i}" for i in range(vocab)])
+        w.add_token_types([1] * vocab)
+        w.add_token_merges([f"t {i}" for i in range(vocab // 2)])
+        w.add_bos_token_id(1)
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(h)
@@ -24,7 +31,8 @@ def write_tiny_llama(path: Path, qtype=None) -> None:
     w.add_head_count_kv(kv)
     w.add_rope_dimension_count(h // heads)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
+    if vocab_key:
+        w.add_vocab_size(vocab)
     g = np.random.default_rng(0)
 
     def add(name, shape, quant=True):
@@ -237,3 +245,56 @@ def test_a_gguf_file_is_opened_once_per_process_while_unchanged(tmp_path, monkey
     os.utime(path, ns=(1, 1))
     third = Checkpoint(path)
     assert third._gguf[path] is not first._gguf[path] and not torch.equal(third.get(name), before)
+
+
+@pytest.mark.parametrize("vocab_key", [True, False])
+def test_metadata_without_the_tokenizer_arrays_equals_transformers_parse(tmp_path, monkeypatch, vocab_key):
+    """The config comes from a copy of the header without the tokenizer's arrays (18 s of Gemma 3's open)
+    and equals transformers' parse of the whole file, ``vocab_size`` included when only the number of
+    tokens gives it; the real SmolLM2 file too when its package is installed."""
+    import transformers.modeling_gguf_pytorch_utils as tg
+
+    from lorascope.io.gguf import load_metadata, read_header
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, tokenizer=True, vocab_key=vocab_key)
+    parsed_paths = []
+    real = tg.load_gguf_checkpoint
+    monkeypatch.setattr(tg, "load_gguf_checkpoint", lambda p, **kw: parsed_paths.append(p) or real(p, **kw))
+    for p in [path, *(_real_ggufs() if vocab_key else [])]:
+        parsed_paths.clear()
+        ours = load_metadata(p, read_header(p))
+        assert parsed_paths and str(p) not in parsed_paths  # the whole file was not parsed
+        ref = real(str(p), return_tensors=False)
+        assert ours["config"] == ref["config"] and ours["tokenizer_config"] == ref["tokenizer_config"], p
+        assert ours["ignore"] == ref["ignore"], p
+        if p == path:
+            assert ours["config"]["vocab_size"] == 128
+
+
+def test_metadata_falls_back_to_the_whole_file_when_transformers_ignores_the_vocab_entry(tmp_path, monkeypatch):
+    """gpt2's GGUF map has no vocab_size: the vocabulary size only comes from the tokens, so the file is
+    parsed whole rather than leaving vocab_size to the config class's default."""
+    from lorascope.io.gguf import load_metadata, read_header
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(16)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_layer_norm_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(77)])
+    w.add_token_types([1] * 77)
+    w.add_tensor("token_embd.weight", np.zeros((77, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    ours = load_metadata(path, read_header(path))
+    assert ours["config"] == load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    assert ours["config"]["vocab_size"] == 77

@@ -14,6 +14,7 @@ the one tensor. ``tests/test_gguf.py`` checks every tensor against transformers'
 from __future__ import annotations
 
 import math
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +38,15 @@ class GGUFFile:
                 TENSOR_PROCESSORS,
                 TensorProcessor,
                 get_gguf_hf_weights_map,
-                load_gguf_checkpoint,
             )
         except ImportError as e:
             raise InputError(f"{path}: reading .gguf files needs the gguf package (pip install 'lorascope[gguf]'): "
                              f"{e}") from e
         self.path = path
         try:
-            architecture, tensors = tensor_table(path)
-            parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only
+            header = read_header(path)
+            architecture, tensors = header.architecture, header.tensors
+            parsed = load_metadata(path, header)
         except InputError:
             raise
         except Exception as e:  # a malformed or foreign file, whatever the library raises
@@ -126,10 +127,31 @@ _PLAIN = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8
           "I32": np.int32, "I64": np.int64}
 
 
+@dataclass(frozen=True)
+class Header:
+    """What ``read_header`` found: ``kvs`` holds each metadata entry as (key, value type, first byte,
+    end byte, element count for arrays else 1); ``infos`` the byte range of the tensor-info table;
+    ``data_start`` the aligned start of the tensor data."""
+
+    architecture: str
+    tensors: list[Tensor]
+    kvs: list[tuple[str, int, int, int, int]]
+    infos: tuple[int, int]
+    alignment: int
+    data_start: int
+    size: int
+
+
 def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
     """(``general.architecture``, the tensors) of a GGUF v2/v3 file, its metadata values skipped rather
     than built: the same tensors, types, shapes and bytes as ``gguf.GGUFReader`` gives
     (``tests/test_gguf.py``), in milliseconds. Every length and offset is checked against the file."""
+    header = read_header(path)
+    return header.architecture, header.tensors
+
+
+def read_header(path: Path) -> Header:
+    """The walk behind ``tensor_table``, with where each metadata entry lies in the file."""
     import gguf
 
     def bad(detail: str) -> InputError:
@@ -175,14 +197,19 @@ def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
         raise bad(f"version {version}; lorascope reads versions 2 and 3")
     n_tensors, n_kv = u64(), u64()
     architecture, alignment = None, gguf.GGUF_DEFAULT_ALIGNMENT
+    kvs = []
     for _ in range(n_kv):
+        begin = pos
         key, kind = string(), u32()
+        count = int.from_bytes(view[pos + 4:pos + 12], "little") if kind == _ARRAY else 1
         if key == "general.architecture" and kind == _STRING:
             architecture = string()
         elif key == "general.alignment" and kind == 4:  # UINT32
             alignment = u32()
         else:
             skip(kind)
+        kvs.append((key, kind, begin, pos, count))
+    infos_begin = pos
     infos = []
     for _ in range(n_tensors):
         name, n_dims = string(), u32()
@@ -190,6 +217,7 @@ def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
         infos.append((name, dims, u32(), u64()))
     if architecture is None or alignment <= 0:
         raise bad(f"no general.architecture, or alignment {alignment}")
+    infos_end = pos
     start = -(-pos // alignment) * alignment
     tensors, seen = [], set()
     for name, dims, kind, offset in infos:
@@ -213,7 +241,52 @@ def tensor_table(path: Path) -> tuple[str, list[Tensor]]:
         else:
             data = raw[begin:begin + n_bytes].reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
         tensors.append(Tensor(name, qtype, dims, data))
-    return architecture, tensors
+    return Header(architecture, tensors, kvs, (infos_begin, infos_end), alignment, start, size)
+
+
+_TOKENIZER_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges"}
+
+
+def load_metadata(path: Path, header: Header) -> dict[str, Any]:
+    """transformers' ``load_gguf_checkpoint(path, return_tensors=False)``, config included, without the
+    cost of the tokenizer's arrays: gguf's ``GGUFReader`` builds every array element in Python (SmolLM2's
+    49k tokens and merges: 3–4 s; Gemma 3's 262k tokens: 18 s), and the config needs none of them.
+
+    transformers parses a copy of the header with those arrays left out (every other entry and the
+    tensor table byte for byte; the tensor data a sparse hole of the same length, never read). The one
+    config value transformers derives from them, ``vocab_size`` = the number of tokens when the file has
+    no ``{arch}.vocab_size``, is given as that entry. If transformers does not take it (an architecture
+    whose map has no ``vocab_size``), the whole file is parsed instead. ``parsed["tokenizer"]`` lacks the
+    arrays; nothing here uses it (the tokenizer is built by ``models.load_tokenizer``)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    counts = {key: count for key, _, _, _, count in header.kvs}
+    n_tokens = counts.get("tokenizer.ggml.tokens")
+    if not _TOKENIZER_ARRAYS & counts.keys():
+        return load_gguf_checkpoint(str(path), return_tensors=False)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    entries = [raw[b:e].tobytes() for key, _, b, e, _ in header.kvs if key not in _TOKENIZER_ARRAYS]
+    vocab_key = f"{header.architecture}.vocab_size"
+    if n_tokens is not None and vocab_key not in counts:
+        name = vocab_key.encode()
+        entries.append(len(name).to_bytes(8, "little") + name + (4).to_bytes(4, "little")  # UINT32
+                       + n_tokens.to_bytes(4, "little"))
+    with tempfile.TemporaryDirectory(prefix="lorascope-gguf-") as d:
+        copy = Path(d) / path.name
+        with open(copy, "wb") as f:
+            f.write(raw[:16].tobytes())  # magic, version, tensor count
+            f.write(len(entries).to_bytes(8, "little"))
+            f.writelines(entries)
+            f.write(raw[header.infos[0]:header.infos[1]].tobytes())
+            start = -(-f.tell() // header.alignment) * header.alignment
+            f.truncate(start + header.size - header.data_start)  # a hole: no bytes written
+        parsed = load_gguf_checkpoint(str(copy), return_tensors=False)
+    if n_tokens is not None and parsed["config"].get("vocab_size") is None:
+        return load_gguf_checkpoint(str(path), return_tensors=False)
+    if "kv_count" in parsed.get("ignore", {}):
+        parsed["ignore"]["kv_count"] = len(header.kvs)  # the file's, not the copy's
+    return parsed
 
 
 class _Flat:
