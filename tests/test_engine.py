@@ -269,3 +269,21 @@ def test_cpu_streams_follow_the_working_set_and_share_the_threads(llama_lora, mo
         assert torch.get_num_threads() == 2  # restored for the caller
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_scan_takes_the_exact_top_k_where_it_is_cheaper():
+    """On the CPU, W_t's top-k of a matrix with min(m, n) ≤ CPU_EXACT_UP_TO comes from the Gram eigh
+    (cheaper there than the Krylov steps) and equals the Krylov result; larger ones keep Krylov."""
+    from lorascope.scanning.analyze import analyze_matrix
+    from lorascope.spectral import LowRankDelta, Tuned, left_basis, top_k
+    from lorascope.spectral.decompose import CPU_EXACT_UP_TO
+
+    g = torch.Generator().manual_seed(0)
+    for m, exact in ((CPU_EXACT_UP_TO, True), (CPU_EXACT_UP_TO + 64, False)):
+        W = torch.randn(m, m + 100, generator=g) * torch.logspace(0, -2, m + 100)
+        d = LowRankDelta(torch.randn(m, 8, generator=g), torch.randn(8, m + 100, generator=g) * 0.1, 2.0)
+        rec = analyze_matrix("model.layers.0.mlp.up_proj.weight", "linear", W, d, 10, 0.5, ("left",), None)[0]
+        assert rec.exact is exact
+        krylov = top_k(Tuned(W, d), 10, init=left_basis(W).U)
+        assert not krylov.exact
+        assert rec.singular_values == pytest.approx(krylov.S.tolist(), rel=1e-5)

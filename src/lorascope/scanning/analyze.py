@@ -31,6 +31,7 @@ from lorascope.spectral import (
     stable_rank,
     top_k,
 )
+from lorascope.spectral.decompose import CPU_EXACT_UP_TO
 from lorascope.spectral.operators import delta_T
 
 N_MAP = 32  # base vectors kept in each record's similarity map (paper Figs. 1-3 show the top ones)
@@ -68,7 +69,8 @@ def analyze_matrix(
         W, d = (W0, delta) if side == "left" else (W0.T, delta_T(delta))
         base = basis(f"{name}:{side}", W) if basis else left_basis(W)
         U0 = base.U.to(W.dtype)
-        tuned = top_k(Tuned(W, d), k, init=U0)  # top_k starts from the first k + oversample columns
+        exact_up_to = CPU_EXACT_UP_TO if W.device.type == "cpu" else 0  # where the exact route is cheaper
+        tuned = top_k(Tuned(W, d), k, init=U0, exact_up_to=exact_up_to)  # Krylov from U0's first k + oversample
         cos, idx = max_abs_cos(tuned.U, U0)
         sim = (U0[:, :N_MAP].T @ tuned.U).abs().T  # (k, N_MAP)
         null = _null(W.shape[0], U0.shape[1])

@@ -16,6 +16,10 @@ import torch
 from lorascope.spectral.operators import LowRankDelta, Tuned
 
 _GRAM_BLOCK = {"cpu": 1 << 24, "cuda": 1 << 28}  # elements of W made float64 at a time: 128 MB, 2 GB
+# On the CPU the Gram eigh of W_t beats the Krylov steps up to about this min(m, n) (2 cores, rank-16
+# LoRA, top-10: 576 × 1536 26 vs 34 ms, 768 × 2048 50 vs 43 ms, 1024 × 2816 96 vs 53 ms): the scan's
+# ``exact_up_to`` on the CPU.
+CPU_EXACT_UP_TO = 640
 
 
 @dataclass
@@ -105,6 +109,7 @@ def top_k(
     oversample: int = 16,
     max_iter: int = 30,
     tol: float = 1e-4,
+    exact_up_to: int = 0,
 ) -> SVD:
     """Top-k singular triplets of W_t by block Krylov iteration on W_t W_tᵀ (products only).
 
@@ -118,7 +123,9 @@ def top_k(
     bounds the angle error of u_j by r_j / gap_j (Wedin). We stop when every top-k r_j is at most
     max(tol · gap_j, floor), floor = eps·√max(m, n)·σ_1 being where rounding in W_t's dtype stops
     further progress (the exact route in that dtype is no more accurate there). Otherwise, or once
-    the Krylov basis would exceed min(m, n)/2 columns, the exact route runs.
+    the Krylov basis would exceed min(m, n)/2 columns, the exact route runs. It also runs at once where
+    it is cheaper: when 2·l ≥ min(m, n), or min(m, n) ≤ ``exact_up_to`` (the scan passes
+    ``CPU_EXACT_UP_TO`` on the CPU).
 
     Tuning (LLaMA-2-7B-shaped matrices, rank-16 LoRA and a full fine-tune; docs/performance.md):
     oversample 16 takes 3-6 Krylov steps and oversample 4 one more; every top-k vector converged,
@@ -128,8 +135,8 @@ def top_k(
     m, n = op.shape
     width = min(k + oversample, m, n)
     dtype, device = op.W0.dtype, op.W0.device
-    if 2 * width >= min(m, n):  # small matrices: the exact route is cheap and certain
-        return exact_top_k(op.dense(), k)
+    if 2 * width >= min(m, n) or min(m, n) <= exact_up_to:
+        return exact_top_k(op.dense(), k)  # small matrices: the exact route is cheap and certain
     blocks = [init[:, :width]] if init is not None else []
     if isinstance(op.delta, LowRankDelta):
         blocks.append(op.delta.B.to(dtype))  # intruders appear in the span of B: start there
