@@ -298,3 +298,21 @@ def test_metadata_falls_back_to_the_whole_file_when_transformers_ignores_the_voc
     ours = load_metadata(path, read_header(path))
     assert ours["config"] == load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     assert ours["config"]["vocab_size"] == 77
+
+
+def test_metadata_without_a_writable_temporary_folder_parses_the_file_itself(tmp_path, monkeypatch):
+    import tempfile
+
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from lorascope.io.gguf import load_metadata, read_header
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, tokenizer=True)
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", refuse)
+    ours = load_metadata(path, read_header(path))
+    assert ours["config"] == load_gguf_checkpoint(str(path), return_tensors=False)["config"]

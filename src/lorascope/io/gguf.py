@@ -272,16 +272,19 @@ def load_metadata(path: Path, header: Header) -> dict[str, Any]:
         name = vocab_key.encode()
         entries.append(len(name).to_bytes(8, "little") + name + (4).to_bytes(4, "little")  # UINT32
                        + n_tokens.to_bytes(4, "little"))
-    with tempfile.TemporaryDirectory(prefix="lorascope-gguf-") as d:
-        copy = Path(d) / path.name
-        with open(copy, "wb") as f:
-            f.write(raw[:16].tobytes())  # magic, version, tensor count
-            f.write(len(entries).to_bytes(8, "little"))
-            f.writelines(entries)
-            f.write(raw[header.infos[0]:header.infos[1]].tobytes())
-            start = -(-f.tell() // header.alignment) * header.alignment
-            f.truncate(start + header.size - header.data_start)  # a hole: no bytes written
-        parsed = load_gguf_checkpoint(str(copy), return_tensors=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lorascope-gguf-") as d:
+            copy = Path(d) / path.name
+            with open(copy, "wb") as f:
+                f.write(raw[:16].tobytes())  # magic, version, tensor count
+                f.write(len(entries).to_bytes(8, "little"))
+                f.writelines(entries)
+                f.write(raw[header.infos[0]:header.infos[1]].tobytes())
+                start = -(-f.tell() // header.alignment) * header.alignment
+                f.truncate(start + header.size - header.data_start)  # a hole: no bytes written
+            parsed = load_gguf_checkpoint(str(copy), return_tensors=False)
+    except OSError:  # no writable temporary folder: parse the file itself, slower but the same
+        return load_gguf_checkpoint(str(path), return_tensors=False)
     if n_tokens is not None and parsed["config"].get("vocab_size") is None:
         return load_gguf_checkpoint(str(path), return_tensors=False)
     if "kv_count" in parsed.get("ignore", {}):
