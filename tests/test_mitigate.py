@@ -544,7 +544,7 @@ def test_conv2d_merged_output_equals_the_exact_edit(tmp_path):
 
 
 @pytest.mark.parametrize("spectrum", ["smooth", "clustered"])
-def test_krylov_edit_equals_the_exact_float64_edit(spectrum):
+def test_krylov_edit_equals_the_exact_float64_edit(spectrum, monkeypatch):
     """plan_matrix finds W_t's top-k by float64 block Krylov (no second eigendecomposition); the
     correction C D of Eq. (1) must equal the one built from the exact Gram route to float64 accuracy,
     also where the top singular values sit close together (slow convergence, or the exact fallback)."""
@@ -565,7 +565,10 @@ def test_krylov_edit_equals_the_exact_float64_edit(spectrum):
     A = torch.randn(r, n, generator=g, dtype=torch.float64) * 0.3
     delta = LowRankDelta(B=B, A=A, scale=2.0)
     Wt = W0 + delta.dense()
+    assert plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta).tuned.exact  # CPU, small: the exact route
+    monkeypatch.setattr("lorascope.spectral.edit._CPU_EXACT_UP_TO", 0)  # the Krylov route, as on a GPU
     plan = plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta)
+    assert plan.tuned.steps >= 1  # Krylov steps were taken (converged, or then the fallback)
     exact = exact_top_k(Wt, k)
     cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
     chosen = [j for j in range(k) if cos[j] < 0.5]

@@ -63,6 +63,12 @@ class Plan:
     n_intruders: int
 
 
+# On the CPU the float64 Gram eigh of W_t beats Krylov to EDIT_TOL up to at least this min(m, n) (2 cores,
+# rank-16 LoRA, top-10: 576 × 1536 45 vs 105 ms, 768 × 2048 90 vs 145 ms, 1024 × 2816 168 vs 187 ms;
+# below ~600 the Krylov basis outgrows min(m, n)/2 before 1e-10 and falls back to it anyway).
+_CPU_EXACT_UP_TO = 1024
+
+
 def plan_matrix(
     W0: torch.Tensor,
     Wt: torch.Tensor,
@@ -80,7 +86,8 @@ def plan_matrix(
     """
     base = left_basis(W0)
     op = Tuned(W0, delta if delta is not None else Wt - W0)
-    tuned = top_k(op, k, init=base.U, tol=EDIT_TOL, max_iter=60)
+    exact_up_to = _CPU_EXACT_UP_TO if W0.device.type == "cpu" else 0
+    tuned = top_k(op, k, init=base.U, tol=EDIT_TOL, max_iter=60, exact_up_to=exact_up_to)
     cos, match = max_abs_cos(tuned.U, base.U)
     intruders = [j for j in range(k) if cos[j] < epsilon]
     chosen = intruders[:1] if which == "top1" else intruders
