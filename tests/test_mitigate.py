@@ -576,3 +576,30 @@ def test_krylov_edit_equals_the_exact_float64_edit(spectrum, monkeypatch):
     ref = (0.25 - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T
     assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
     assert torch.allclose(plan.tuned.S, exact.S, rtol=1e-12, atol=0)
+
+
+def test_converged_krylov_edit_equals_the_exact_float64_edit():
+    """Above the CPU's exact size (and on a GPU, at every size) the float64 Krylov route must converge
+    to EDIT_TOL on its own and give Eq. (1)'s correction of the exact route."""
+    from lorascope.spectral.decompose import exact_top_k, left_basis
+    from lorascope.spectral.edit import _CPU_EXACT_UP_TO, plan_matrix
+    from lorascope.spectral.intruders import max_abs_cos
+    from lorascope.spectral.operators import LowRankDelta
+
+    g = torch.Generator().manual_seed(5)
+    m, n, r, k = _CPU_EXACT_UP_TO + 76, _CPU_EXACT_UP_TO + 300, 8, 10
+    U0 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    s = (1 + torch.arange(m, dtype=torch.float64)) ** -1.0  # a decaying spectrum with clear top gaps
+    W0 = (U0 * s) @ V0.T
+    delta = LowRankDelta(B=torch.randn(m, r, generator=g, dtype=torch.float64) * 0.05,
+                         A=torch.randn(r, n, generator=g, dtype=torch.float64) * 0.3, scale=2.0)
+    Wt = W0 + delta.dense()
+    plan = plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta)
+    assert not plan.tuned.exact and plan.tuned.steps >= 1
+    exact = exact_top_k(Wt, k)
+    cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
+    chosen = [j for j in range(k) if cos[j] < 0.5]
+    assert chosen and plan.n_intruders == len(chosen)
+    ref = (0.25 - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T
+    assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
