@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lorascope.io.layout import matrix_kinds, orient, unorient
 from lorascope.io.tuned import KohyaLora, PeftAdapter, TunedSource
 from lorascope.io.writers import atomic_write_json
 from lorascope.scanning.analyze import floats
-from lorascope.scanning.engine import prefetch
+from lorascope.scanning.engine import default_streams, prefetch, share_threads
 from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixMitigation
 from lorascope.spectral import Tuned
@@ -90,6 +91,31 @@ def _rel_error(written: torch.Tensor, exact: torch.Tensor) -> float:
     return float((written - exact).norm()) / norm if norm > 0 else float((written - exact).norm())
 
 
+def planned(run: Run, pairs: list[MatrixPair]) -> Iterator[tuple[MatrixPair, torch.Tensor, Any, torch.Tensor, Plan]]:
+    """(pair, W_0, ΔW, W_t, plan) for each pair, in order. On a GPU the next two base matrices are read
+    (and moved to the device) while this one is planned. On the CPU several small matrices are read and
+    planned at once, one per intra-op thread, as ``scanning.engine.scan_jobs`` analyses them (SmolLM2-135M,
+    2 cores: ``docs/performance.md``); each plan's arithmetic is the same."""
+    streams = default_streams(run.base, pairs, run.device, torch.float64) if run.device.type == "cpu" else 1
+
+    def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any]:
+        return (pair, *run.tuned_matrix(pair, run.base.get(pair.name)))
+
+    def load_and_plan(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any, torch.Tensor, Plan]:
+        pair, W0, delta = load(pair)
+        Wt = Tuned(W0, delta).dense()
+        return pair, W0, delta, Wt, run.plan(W0, Wt, delta)
+
+    items = run.track(pairs, "mitigating matrices")
+    if streams == 1:
+        for pair, W0, delta in prefetch(items, load, workers=2, depth=3):
+            Wt = Tuned(W0, delta).dense()
+            yield pair, W0, delta, Wt, run.plan(W0, Wt, delta)
+        return
+    with share_threads(streams, run.device):
+        yield from prefetch(items, load_and_plan, workers=streams, depth=streams + 1)
+
+
 # -- adapter output ------------------------------------------------------------------------------
 def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | None):
     """The input's adapter format again: changed modules get the factors of Eq. (3) (or their rank-R
@@ -106,13 +132,7 @@ def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | 
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     records = []
-    def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any]:
-        return (pair, *run.tuned_matrix(pair, run.base.get(pair.name)))
-
-    # the next two base matrices are read (and moved to the device) while this one is decomposed
-    for pair, W0, delta in prefetch(run.track(pairs, "mitigating matrices"), load, workers=2, depth=3):
-        Wt = Tuned(W0, delta).dense()
-        plan = run.plan(W0, Wt, delta)
+    for pair, W0, delta, Wt, plan in planned(run, pairs):
         rec = run.record(pair, plan, tuple(W0.shape))
         records.append(rec)
         saved = pair.ref.startswith("saved:")

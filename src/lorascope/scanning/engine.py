@@ -214,8 +214,6 @@ def scan_jobs(
     depth = depth or (max(8, 2 * streams) if device.type == "cuda" else 2)
     workers = workers or max(1, min(8, depth, os.cpu_count() or 1))
     own_streams = streams > 1 and device.type == "cuda"
-    threads = torch.get_num_threads()
-    split_threads = streams > 1 and device.type == "cpu"
     local = threading.local()
 
     def analyze(item: Loaded) -> list[tuple[int, list[MatrixRecord]]]:
@@ -245,19 +243,31 @@ def scan_jobs(
         # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making
         # that first call at once fail ("lazy wrapper should be called at most once"): load it here.
         torch.linalg.eigvalsh(torch.eye(2, device=device))
-    if split_threads:
-        torch.set_num_threads(max(1, threads // streams))
     try:
-        loaded = prefetch(jobs, loader, workers, depth)
-        if streams == 1:
-            yield from map(analyze, loaded)
-        else:
-            yield from prefetch(loaded, analyze, streams, streams)
+        with share_threads(streams, device):
+            loaded = prefetch(jobs, loader, workers, depth)
+            if streams == 1:
+                yield from map(analyze, loaded)
+            else:
+                yield from prefetch(loaded, analyze, streams, streams)
     finally:
-        if split_threads:
-            torch.set_num_threads(threads)
         if hook is not None:
             hook.close()
+
+
+@contextlib.contextmanager
+def share_threads(streams: int, device: torch.device) -> Iterator[None]:
+    """On the CPU with several streams, torch's intra-op threads shared out among them, restored after:
+    each stream on its own OpenMP team of every core spins against the others (``scan_jobs``)."""
+    if streams <= 1 or device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scan_records(
