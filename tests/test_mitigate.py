@@ -605,9 +605,10 @@ def test_converged_krylov_edit_equals_the_exact_float64_edit():
     assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
 
 
-def test_cpu_mitigate_with_several_streams_writes_what_one_stream_writes(llama, tmp_path, monkeypatch):
-    """Matrices planned at once on the CPU (one per thread) give the same records and the same adapter,
-    in order, and torch's thread count is restored."""
+@pytest.mark.parametrize("fmt", ["adapter", "merged"])
+def test_cpu_mitigate_with_several_streams_writes_what_one_stream_writes(llama, tmp_path, monkeypatch, fmt):
+    """Matrices planned at once on the CPU (one per thread) give the same records and the same adapter
+    or merged model, in order, and torch's thread count is restored."""
     from safetensors.torch import load_file
 
     import lorascope.mitigation.writers as w
@@ -619,14 +620,15 @@ def test_cpu_mitigate_with_several_streams_writes_what_one_stream_writes(llama, 
         monkeypatch.setattr(w, "default_streams", lambda *a, s=streams: s)
         outs[streams] = tmp_path / f"s{streams}"
         lorascope.mitigate(str(root / "base"), str(root / "adapter"), outs[streams], lam=0.25, which="all",
-                           embeddings=True, device="cpu")
+                           embeddings=True, device="cpu", format=fmt)
         assert torch.get_num_threads() == before
     one, many = (json.loads((outs[s] / "mitigation.json").read_text())["matrices"] for s in (1, 3))
     assert [m["name"] for m in many] == [m["name"] for m in one] and sum(m["n_intruders"] for m in one) > 0
     for a, b in zip(one, many, strict=True):
         assert a["n_intruders"] == b["n_intruders"] and a["directions"] == pytest.approx(b["directions"]), a["name"]
         assert a["singular_values"] == pytest.approx(b["singular_values"], rel=1e-12), a["name"]
-    A, B = (load_file(str(outs[s] / "adapter_model.safetensors")) for s in (1, 3))
+    weights = "adapter_model.safetensors" if fmt == "adapter" else "model.safetensors"
+    A, B = (load_file(str(outs[s] / weights)) for s in (1, 3))
     assert A.keys() == B.keys()
     for key in A:
         torch.testing.assert_close(A[key], B[key], rtol=1e-6, atol=1e-7)

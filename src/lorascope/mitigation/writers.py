@@ -3,6 +3,7 @@ model, one shard at a time. Everything goes into the temporary folder ``atomic_d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Iterator
@@ -214,33 +215,33 @@ def write_merged(run: Run, pairs: list[MatrixPair], tmp: Path):
     records: list[MatrixMitigation] = []
     weight_map: dict[str, str] = {}
     total = 0
-    for f in run.track(list(files), "writing shards"):
-        shard: dict[str, torch.Tensor] = {}
-        for name in files[f]:
-            t = src.get(name, check_finite=False)
-            if name in selected:
-                p = selected[name]
-                W0_stored = t if src is run.base else run.base.get(p.name)
-                W0, delta = run.tuned_matrix(p, W0_stored)
-                Wt = Tuned(W0, delta).dense()
-                plan = run.plan(W0, Wt, delta)
-                rec = run.record(p, plan, tuple(W0.shape))
-                records.append(rec)
-                if plan.directions or src is run.base:
-                    exact = Wt + plan.C @ plan.D
-                    t = unorient(exact, p.kind, t.shape).to(t.dtype).cpu()
-                    rec.rel_error = _rel_error(orient(t, p.kind).to(exact), exact)
-            elif name in merge_only:  # adapter modules outside --modules / --embeddings: merged as they are
-                p = merge_only[name]
-                W0, delta = run.tuned_matrix(p, t, check_k=False)
-                t = unorient(Tuned(W0, delta).dense(), p.kind, t.shape).to(t.dtype).cpu()
-            elif f.suffix != ".safetensors":
-                t = t.clone()  # torch.load may share storage between tied tensors; safetensors refuses that
-            shard[name] = t.contiguous()
-            total += t.numel() * t.element_size()
-        out_name = _shard_name(f) if src.root.is_dir() else "model.safetensors"  # what from_pretrained reads
-        save_file(shard, str(tmp / out_name), metadata={"format": "pt"})
-        weight_map.update({name: out_name for name in shard})
+    # planned ahead in the order the shards need them (read ahead; on the CPU several at once)
+    order = [selected[name] for f in files for name in files[f] if name in selected]
+    with contextlib.closing(planned(run, order)) as plans:  # closed here: its threads and thread count end
+        for f in list(files):
+            shard: dict[str, torch.Tensor] = {}
+            for name in files[f]:
+                t = src.get(name, check_finite=False)
+                if name in selected:
+                    p, W0, delta, Wt, plan = next(plans)
+                    assert p is selected[name]
+                    rec = run.record(p, plan, tuple(W0.shape))
+                    records.append(rec)
+                    if plan.directions or src is run.base:
+                        exact = Wt + plan.C @ plan.D
+                        t = unorient(exact, p.kind, t.shape).to(t.dtype).cpu()
+                        rec.rel_error = _rel_error(orient(t, p.kind).to(exact), exact)
+                elif name in merge_only:  # adapter modules outside --modules / --embeddings: merged as they are
+                    p = merge_only[name]
+                    W0, delta = run.tuned_matrix(p, t, check_k=False)
+                    t = unorient(Tuned(W0, delta).dense(), p.kind, t.shape).to(t.dtype).cpu()
+                elif f.suffix != ".safetensors":
+                    t = t.clone()  # torch.load may share storage between tied tensors; safetensors refuses that
+                shard[name] = t.contiguous()
+                total += t.numel() * t.element_size()
+            out_name = _shard_name(f) if src.root.is_dir() else "model.safetensors"  # what from_pretrained reads
+            save_file(shard, str(tmp / out_name), metadata={"format": "pt"})
+            weight_map.update({name: out_name for name in shard})
     written = sorted(set(weight_map.values()))
     if len(written) > 1:
         index = _index_name(src.root)
