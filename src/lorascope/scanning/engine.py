@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 _CPU_STREAMS_BYTES = 512 << 20  # working sets analysed at once on the CPU (default_streams)
 
+
 def default_basis(key: str, W: torch.Tensor) -> SVD:
     """The scan's ``basis`` hook when no cache is given: ``left_basis``."""
     return left_basis(W)
