@@ -543,14 +543,23 @@ def test_conv2d_merged_output_equals_the_exact_edit(tmp_path):
     assert torch.equal(out["down_blocks.0.resnets.0.norm1.weight"], base["down_blocks.0.resnets.0.norm1.weight"])
 
 
+def _exact_route_correction(W0: torch.Tensor, Wt: torch.Tensor, k: int, lam: float, eps: float = 0.5):
+    """Eq. (1)'s correction from the exact Gram route: (W_t's exact top-k, (λ − 1) Σ_I σ u vᵀ, |I|)."""
+    from lorascope.spectral.decompose import exact_top_k, left_basis
+    from lorascope.spectral.intruders import max_abs_cos
+
+    exact = exact_top_k(Wt, k)
+    cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
+    chosen = [j for j in range(k) if cos[j] < eps]
+    return exact, (lam - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T, len(chosen)
+
+
 @pytest.mark.parametrize("spectrum", ["smooth", "clustered"])
 def test_krylov_edit_equals_the_exact_float64_edit(spectrum, monkeypatch):
     """plan_matrix finds W_t's top-k by float64 block Krylov (no second eigendecomposition); the
     correction C D of Eq. (1) must equal the one built from the exact Gram route to float64 accuracy,
     also where the top singular values sit close together (slow convergence, or the exact fallback)."""
-    from lorascope.spectral.decompose import exact_top_k, left_basis
     from lorascope.spectral.edit import plan_matrix
-    from lorascope.spectral.intruders import max_abs_cos
     from lorascope.spectral.operators import LowRankDelta
 
     g = torch.Generator().manual_seed(3)
@@ -569,11 +578,8 @@ def test_krylov_edit_equals_the_exact_float64_edit(spectrum, monkeypatch):
     monkeypatch.setattr("lorascope.spectral.edit._CPU_EXACT_UP_TO", 0)  # the Krylov route, as on a GPU
     plan = plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta)
     assert plan.tuned.steps >= 1  # Krylov steps were taken (converged, or then the fallback)
-    exact = exact_top_k(Wt, k)
-    cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
-    chosen = [j for j in range(k) if cos[j] < 0.5]
-    assert chosen and plan.n_intruders == len(chosen)
-    ref = (0.25 - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T
+    exact, ref, n_chosen = _exact_route_correction(W0, Wt, k, 0.25)
+    assert n_chosen and plan.n_intruders == n_chosen
     assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
     assert torch.allclose(plan.tuned.S, exact.S, rtol=1e-12, atol=0)
 
@@ -581,9 +587,7 @@ def test_krylov_edit_equals_the_exact_float64_edit(spectrum, monkeypatch):
 def test_converged_krylov_edit_equals_the_exact_float64_edit():
     """Above the CPU's exact size (and on a GPU, at every size) the float64 Krylov route must converge
     to EDIT_TOL on its own and give Eq. (1)'s correction of the exact route."""
-    from lorascope.spectral.decompose import exact_top_k, left_basis
     from lorascope.spectral.edit import _CPU_EXACT_UP_TO, plan_matrix
-    from lorascope.spectral.intruders import max_abs_cos
     from lorascope.spectral.operators import LowRankDelta
 
     g = torch.Generator().manual_seed(5)
@@ -597,11 +601,8 @@ def test_converged_krylov_edit_equals_the_exact_float64_edit():
     Wt = W0 + delta.dense()
     plan = plan_matrix(W0, Wt, k, 0.5, 0.25, "all", delta=delta)
     assert not plan.tuned.exact and plan.tuned.steps >= 1
-    exact = exact_top_k(Wt, k)
-    cos, _ = max_abs_cos(exact.U, left_basis(W0).U)
-    chosen = [j for j in range(k) if cos[j] < 0.5]
-    assert chosen and plan.n_intruders == len(chosen)
-    ref = (0.25 - 1.0) * (exact.U[:, chosen] * exact.S[chosen]) @ exact.V[:, chosen].T
+    exact, ref, n_chosen = _exact_route_correction(W0, Wt, k, 0.25)
+    assert n_chosen and plan.n_intruders == n_chosen
     assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
 
 

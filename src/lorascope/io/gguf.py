@@ -261,10 +261,13 @@ def load_metadata(path: Path, header: Header) -> dict[str, Any]:
     arrays; nothing here uses it (the tokenizer is built by ``models.load_tokenizer``)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    def whole_file() -> dict[str, Any]:
+        return load_gguf_checkpoint(str(path), return_tensors=False)
+
     counts = {key: count for key, _, _, _, count in header.kvs}
     n_tokens = counts.get("tokenizer.ggml.tokens")
     if not _TOKENIZER_ARRAYS & counts.keys():
-        return load_gguf_checkpoint(str(path), return_tensors=False)
+        return whole_file()
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     entries = [raw[b:e].tobytes() for key, _, b, e, _ in header.kvs if key not in _TOKENIZER_ARRAYS]
     vocab_key = f"{header.architecture}.vocab_size"
@@ -284,9 +287,9 @@ def load_metadata(path: Path, header: Header) -> dict[str, Any]:
                 f.truncate(start + header.size - header.data_start)  # a hole: no bytes written
             parsed = load_gguf_checkpoint(str(copy), return_tensors=False)
     except OSError:  # no writable temporary folder: parse the file itself, slower but the same
-        return load_gguf_checkpoint(str(path), return_tensors=False)
+        return whole_file()
     if n_tokens is not None and parsed["config"].get("vocab_size") is None:
-        return load_gguf_checkpoint(str(path), return_tensors=False)
+        return whole_file()
     if "kv_count" in parsed.get("ignore", {}):
         parsed["ignore"]["kv_count"] = len(header.kvs)  # the file's, not the copy's
     return parsed

@@ -92,26 +92,31 @@ def _rel_error(written: torch.Tensor, exact: torch.Tensor) -> float:
     return float((written - exact).norm()) / norm if norm > 0 else float((written - exact).norm())
 
 
-def planned(run: Run, pairs: list[MatrixPair]) -> Iterator[tuple[MatrixPair, torch.Tensor, Any, torch.Tensor, Plan]]:
-    """(pair, W_0, ΔW, W_t, plan) for each pair, in order. On a GPU the next two base matrices are read
-    (and moved to the device) while this one is planned. On the CPU several small matrices are read and
-    planned at once, one per intra-op thread, as ``scanning.engine.scan_jobs`` analyses them (SmolLM2-135M,
-    2 cores: ``docs/performance.md``); each plan's arithmetic is the same."""
+Planned = tuple[MatrixPair, torch.Tensor, torch.Tensor, Any, torch.Tensor, Plan]
+
+
+def planned(run: Run, pairs: list[MatrixPair]) -> Iterator[Planned]:
+    """(pair, W_0 as stored, W_0, ΔW, W_t, plan) for each pair, in order: each base matrix read once.
+    On a GPU the next two base matrices are read (and moved to the device) while this one is planned.
+    On the CPU several small matrices are read and planned at once, one per intra-op thread, as
+    ``scanning.engine.scan_jobs`` analyses them (SmolLM2-135M, 2 cores: ``docs/performance.md``);
+    each plan's arithmetic is the same."""
     streams = default_streams(run.base, pairs, run.device, torch.float64) if run.device.type == "cpu" else 1
 
-    def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any]:
-        return (pair, *run.tuned_matrix(pair, run.base.get(pair.name)))
+    def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, torch.Tensor, Any]:
+        stored = run.base.get(pair.name)
+        return (pair, stored, *run.tuned_matrix(pair, stored))
 
-    def load_and_plan(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, Any, torch.Tensor, Plan]:
-        pair, W0, delta = load(pair)
+    def load_and_plan(pair: MatrixPair) -> Planned:
+        pair, stored, W0, delta = load(pair)
         Wt = Tuned(W0, delta).dense()
-        return pair, W0, delta, Wt, run.plan(W0, Wt, delta)
+        return pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
 
     items = run.track(pairs, "mitigating matrices")
     if streams == 1:
-        for pair, W0, delta in prefetch(items, load, workers=2, depth=3):
+        for pair, stored, W0, delta in prefetch(items, load, workers=2, depth=3):
             Wt = Tuned(W0, delta).dense()
-            yield pair, W0, delta, Wt, run.plan(W0, Wt, delta)
+            yield pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
         return
     with share_threads(streams, run.device):
         yield from prefetch(items, load_and_plan, workers=streams, depth=streams + 1)
@@ -133,7 +138,7 @@ def write_adapter(run: Run, pairs: list[MatrixPair], tmp: Path, compress: int | 
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     records = []
-    for pair, W0, delta, Wt, plan in planned(run, pairs):
+    for pair, _, W0, delta, Wt, plan in planned(run, pairs):
         rec = run.record(pair, plan, tuple(W0.shape))
         records.append(rec)
         saved = pair.ref.startswith("saved:")
@@ -221,22 +226,24 @@ def write_merged(run: Run, pairs: list[MatrixPair], tmp: Path):
         for f in list(files):
             shard: dict[str, torch.Tensor] = {}
             for name in files[f]:
-                t = src.get(name, check_finite=False)
                 if name in selected:
-                    p, W0, delta, Wt, plan = next(plans)
+                    p, stored, W0, delta, Wt, plan = next(plans)
                     assert p is selected[name]
+                    t = stored if src is run.base else src.get(name, check_finite=False)  # base: read once
                     rec = run.record(p, plan, tuple(W0.shape))
                     records.append(rec)
                     if plan.directions or src is run.base:
                         exact = Wt + plan.C @ plan.D
                         t = unorient(exact, p.kind, t.shape).to(t.dtype).cpu()
                         rec.rel_error = _rel_error(orient(t, p.kind).to(exact), exact)
-                elif name in merge_only:  # adapter modules outside --modules / --embeddings: merged as they are
-                    p = merge_only[name]
-                    W0, delta = run.tuned_matrix(p, t, check_k=False)
-                    t = unorient(Tuned(W0, delta).dense(), p.kind, t.shape).to(t.dtype).cpu()
-                elif f.suffix != ".safetensors":
-                    t = t.clone()  # torch.load may share storage between tied tensors; safetensors refuses that
+                else:
+                    t = src.get(name, check_finite=False)
+                    if name in merge_only:  # adapter modules outside --modules / --embeddings: merged as they are
+                        p = merge_only[name]
+                        W0, delta = run.tuned_matrix(p, t, check_k=False)
+                        t = unorient(Tuned(W0, delta).dense(), p.kind, t.shape).to(t.dtype).cpu()
+                    elif f.suffix != ".safetensors":
+                        t = t.clone()  # torch.load may share storage between tied tensors; safetensors refuses it
                 shard[name] = t.contiguous()
                 total += t.numel() * t.element_size()
             out_name = _shard_name(f) if src.root.is_dir() else "model.safetensors"  # what from_pretrained reads
