@@ -23,14 +23,7 @@ def write_tiny_llama(path: Path, qtype=None, tokenizer: bool = False, vocab_key:
         w.add_token_types([1] * vocab)
         w.add_token_merges([f"t {i}" for i in range(vocab // 2)])
         w.add_bos_token_id(1)
-    w.add_block_count(layers)
-    w.add_context_length(64)
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(f)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(h // heads)
-    w.add_layer_norm_rms_eps(1e-5)
+    _add_dims(w, layers, h, f, heads, kv, h // heads, 1e-5)
     if vocab_key:
         w.add_vocab_size(vocab)
     g = np.random.default_rng(0)
@@ -50,6 +43,23 @@ def write_tiny_llama(path: Path, qtype=None, tokenizer: bool = False, vocab_key:
         for name, shape in (("attn_q", (h, h)), ("attn_k", (kv * h // heads, h)), ("attn_v", (kv * h // heads, h)),
                             ("attn_output", (h, h)), ("ffn_gate", (f, h)), ("ffn_up", (f, h)), ("ffn_down", (h, f))):
             add(f"blk.{i}.{name}.weight", shape)
+    _finish(w)
+
+
+def _add_dims(w, layers: int, h: int, f: int, heads: int, kv: int, head_dim: int, eps: float) -> None:
+    """The shape entries transformers' GGUF config parse reads, for ``w``'s architecture."""
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(eps)
+
+
+def _finish(w) -> None:
+    """Header, metadata and tensors to the file, in GGUF's order."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -289,10 +299,7 @@ def test_metadata_falls_back_to_the_whole_file_when_transformers_ignores_the_voc
     w.add_token_list([f"t{i}" for i in range(77)])
     w.add_token_types([1] * 77)
     w.add_tensor("token_embd.weight", np.zeros((77, 16), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     ours = load_metadata(path, read_header(path))
@@ -338,16 +345,9 @@ def write_tiny_family(path: Path, model_type: str) -> None:
     key = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(key, layers)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(layers)
-    w.add_context_length(64)
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(f)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
+    _add_dims(w, layers, h, f, heads, kv, head_dim, 1e-6)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
     g = np.random.default_rng(0)
     for name, p in model.state_dict().items():
@@ -357,10 +357,7 @@ def write_tiny_family(path: Path, model_type: str) -> None:
         gguf_name = name_map.get_name(base)
         assert gguf_name is not None, name
         w.add_tensor(f"{gguf_name}.{suffix}", g.standard_normal(tuple(p.shape)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 @pytest.mark.parametrize("model_type", sorted(_FAMILY_ARCH))

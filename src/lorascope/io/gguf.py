@@ -59,7 +59,7 @@ class GGUFFile:
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=self.config)
         self._parsed = parsed
         model_type = self.config.get("model_type")
-        known = _known_layout(tensors, self.config, self._processor, get_gguf_hf_weights_map)
+        known = _known_layout(tensors, self.config, self._processor)
         if known is not None:  # names from the layout table: no modelling code imported (~3 s on 2 cores)
             to_hf, shapes = known
         else:
@@ -342,8 +342,8 @@ _TOP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 _NOT_PARAMETERS = ("rope_freqs.weight",)  # LLaMA 3's RoPE factors: no parameter of the model (dropped either way)
 
 
-def _known_layout(tensors: list[Tensor], config: dict[str, Any], processor: Any,
-                  weights_map: Any) -> tuple[dict[str, str], dict[str, tuple[int, ...]]] | None:
+def _known_layout(tensors: list[Tensor], config: dict[str, Any],
+                  processor: Any) -> tuple[dict[str, str], dict[str, tuple[int, ...]]] | None:
     """(GGUF name -> transformers name, transformers name -> shape) from ``GGUF_LAYOUTS``, or None where
     the family is not in it or the names do not account for every tensor of the file, one to one.
     Shapes are the file's (GGUF lists the fastest dimension first); ``GGUFFile.get`` checks each
@@ -354,7 +354,9 @@ def _known_layout(tensors: list[Tensor], config: dict[str, Any], processor: Any,
         return None
     names = [*_TOP, *(f"model.layers.{i}.{n}" for i in range(layers) for n in per_layer)]
     fake = types.SimpleNamespace(model_type=config["model_type"], num_hidden_layers=layers)
-    to_hf = weights_map(_Flat(fake, names), processor)
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    to_hf = get_gguf_hf_weights_map(_Flat(fake, names), processor)
     tensors = [t for t in tensors if t.name not in _NOT_PARAMETERS]
     mapped = [to_hf.get(t.name) for t in tensors]
     if None in mapped or len(set(mapped)) != len(mapped):
