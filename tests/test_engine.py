@@ -216,6 +216,40 @@ def test_many_adapters_of_one_base_give_each_its_own_scan(tmp_path, llama_lora):
     assert {k.rsplit(":", 1)[0] for k in calls} == {r.name for r in batch[2].matrices}
 
 
+def test_lora_adapters_of_one_rank_run_their_top_k_together(tmp_path, llama_lora, monkeypatch):
+    """A many-adapter scan runs the Krylov top-k of same-rank LoRA adapters of one base matrix as one
+    batch (top_k_stack), and each adapter still gets the records of its own scan."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from lorascope.scanning import analyze
+    from lorascope.scanning.api import scan_many
+
+    # min(m, n) > CPU_EXACT_UP_TO (640), so that the CPU runs Krylov steps on these matrices
+    base, adapter, _ = llama_lora(hidden=704, intermediate=768, layers=1, targets=("q_proj", "down_proj"))
+    inputs = [str(adapter)]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        other = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8 * seed, init_lora_weights=False, target_modules=["q_proj", "down_proj"]))
+        other.save_pretrained(tmp_path / f"seed-{seed}")
+        inputs.append(str(tmp_path / f"seed-{seed}"))
+    sizes = []
+    real = analyze.top_k_stack
+    monkeypatch.setattr(analyze, "top_k_stack", lambda st, *a, **kw: sizes.append(len(st)) or real(st, *a, **kw))
+    batch = scan_many(str(base), inputs, device="cpu")
+    assert sizes == [3, 3]  # one batch per base matrix
+    alone = [scan(str(base), t, device="cpu") for t in inputs]
+    for b, a in zip(batch, alone, strict=True):
+        assert [r.name for r in b.matrices] == [r.name for r in a.matrices]
+        for rb, ra in zip(b.matrices, a.matrices, strict=True):
+            assert not rb.exact and rb.n_intruders == ra.n_intruders and rb.best_match == ra.best_match
+            assert rb.max_cos == pytest.approx(ra.max_cos, abs=1e-6)
+            assert rb.singular_values == pytest.approx(ra.singular_values, rel=1e-6)
+            assert rb.delta_singular_values == pytest.approx(ra.delta_singular_values, rel=1e-6)
+            assert rb.delta_kurtosis == pytest.approx(ra.delta_kurtosis, rel=1e-9)  # float64 sums in other blocks
+
+
 def test_cli_scans_a_folder_of_adapters(tmp_path, llama_lora):
     import json
     import shutil
@@ -261,8 +295,8 @@ def test_cpu_streams_follow_the_working_set_and_share_the_threads(llama_lora, mo
         assert engine.default_streams(Shapes((5632, 2048)), jobs, cpu, torch.float32) == 1  # keeps the RSS peak
         assert engine.default_streams(Shapes((1536, 576)), [], cpu, torch.float32) == 1
         seen = []
-        real = engine.analyze_matrix
-        monkeypatch.setattr(engine, "analyze_matrix", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        real = engine.analyze_matrices
+        monkeypatch.setattr(engine, "analyze_matrices", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
         base, adapter, _ = llama_lora(merged=True)
         scan(str(base), str(adapter), device="cpu", streams=2)
         assert seen and set(seen) == {1}  # each stream on one thread: two OpenMP teams of 2 spin on 2 cores

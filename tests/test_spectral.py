@@ -128,6 +128,34 @@ def test_top_k_dense_and_lowrank_match_exact():
         assert torch.allclose((got.U * ref.U).sum(0).abs(), torch.ones(5, dtype=torch.float64), atol=1e-6)
 
 
+def test_a_stack_of_lora_updates_gives_each_its_own_top_k():
+    """top_k_stack runs N same-rank LoRA updates of one base together; each gets the triplets of its
+    own top_k (members leave the batch at their own step, or fall back to the exact route) and they
+    match float64 SVDs of W_t."""
+    from lorascope.spectral.decompose import top_k_stack
+    from lorascope.spectral.operators import TunedStack
+
+    W0, *_ = decaying(400, 600, seed=3, top=5.0, bottom=0.05)
+    W0 = W0.float()
+    U0 = left_basis(W0).U
+    g = torch.Generator().manual_seed(4)
+    deltas = [LowRankDelta(torch.randn(400, 4, generator=g), torch.randn(4, 600, generator=g), scale)
+              for scale in (0.02, 0.05, 0.1, 0.3, 1.0)]  # these take 4-6 Krylov steps alone
+    for max_iter in (30, 4):  # 4: the members that need more fall back to the exact route
+        stacked = top_k_stack(TunedStack(W0, deltas), 10, init=U0, max_iter=max_iter)
+        steps = set()
+        for d, got in zip(deltas, stacked, strict=True):
+            alone = top_k(Tuned(W0, d), 10, init=U0, max_iter=max_iter)
+            assert (got.steps, got.exact) == (alone.steps, alone.exact)
+            steps.add((got.steps, got.exact))
+            assert torch.allclose(got.S, alone.S, rtol=1e-6)
+            assert torch.allclose((got.U * alone.U).sum(0).abs(), torch.ones(10), atol=1e-5)
+            Ut, St, _ = torch.linalg.svd(Tuned(W0.double(), d.to("cpu", torch.float64)).dense())
+            assert torch.allclose(got.S.double(), St[:10], rtol=1e-5)
+            assert float((1 - (got.U.double() * Ut[:, :10]).sum(0).abs()).abs().max()) < 1e-5
+        assert len(steps) > 1  # the members did not all stop at the same step
+
+
 def test_lora_core_singular_values_equal_dense_svd():
     g = torch.Generator().manual_seed(9)
     d = LowRankDelta(torch.randn(50, 6, generator=g, dtype=torch.float64),

@@ -1,4 +1,5 @@
-"""The one scan loop: every matrix pair through ``analyze_matrix``, reads overlapped with the maths.
+"""The one scan loop: every base matrix and its updates through ``analyze_matrices``, reads overlapped
+with the maths.
 
 ``scan_records`` feeds every consumer: ``lorascope.scan`` (files on disk), the training tracker (a
 model's live weights through in-memory sources), and torchrun ranks (each its share). Measured in
@@ -34,7 +35,7 @@ import torch
 from lorascope.errors import MismatchError
 from lorascope.io.checkpoint import require_finite, require_real
 from lorascope.io.layout import orient
-from lorascope.scanning.analyze import BasisFn, analyze_matrix
+from lorascope.scanning.analyze import BasisFn, analyze_matrices
 from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixRecord
 from lorascope.spectral import SVD, left_basis
@@ -191,8 +192,10 @@ def scan_jobs(
     """Alg. 1 on every job, in order: per job, ``(source index, records)`` for each source changing it.
 
     The base matrix is read, and its basis computed (or looked up), once per job, however many
-    sources change it: scanning N adapters of one base costs one first scan plus N top-k's per
-    matrix. Each (source, matrix) gets exactly the records a scan of that source alone gives.
+    sources change it (``analyze_matrices``): scanning N adapters of one base costs one first scan
+    plus the N top-k's per matrix, which LoRA adapters of one rank compute together (one product
+    with W_0 for all of them per Krylov step). Each (source, matrix) gets the records a scan of that
+    source alone gives (to float32 rounding of the batched products; tests/test_engine.py).
 
     Reads run ``depth`` jobs ahead (default 2·streams on a GPU, 2 on the CPU, where each pending job
     costs resident memory) on ``workers`` threads. ``basis`` (a caller's hook) wins over ``cache``;
@@ -227,18 +230,9 @@ def scan_jobs(
             W0 = orient(item.W0.to(device, non_blocking=True).to(dtype), job.kind)
             require_finite(W0, item.base_file, job.name)
             basis_fn = basis or (hook.basis_for(item.extra, item.W0) if hook is not None else default_basis)
-            bases: dict[str, SVD] = {}
-
-            def basis_once(key: str, W: torch.Tensor) -> SVD:  # one decomposition per side, for every source
-                if key not in bases:
-                    bases[key] = basis_fn(key, W)
-                return bases[key]
-
-            out = []
-            for i, ref in job.refs:
-                delta = _delta(item, i, sources[i], ref, W0, device, dtype)
-                out.append((i, analyze_matrix(job.name, job.kind, W0, delta, k, epsilon, sides, basis_once)))
-            return out
+            deltas = [_delta(item, i, sources[i], ref, W0, device, dtype) for i, ref in job.refs]
+            records = analyze_matrices(job.name, job.kind, W0, deltas, k, epsilon, sides, basis_fn)
+            return [(i, recs) for (i, _), recs in zip(job.refs, records, strict=True)]
 
     if own_streams:
         # torch loads its CUDA linear-algebra library on the first linalg call, and two threads making

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascope.spectral.operators import LowRankDelta, Tuned
+from lorascope.spectral.operators import Tuned, TunedStack
 
 _GRAM_BLOCK = {"cpu": 1 << 24, "cuda": 1 << 28}  # elements of W made float64 at a time: 128 MB, 2 GB
 # On the CPU the Gram eigh of W_t beats the Krylov steps up to about this min(m, n) (2 cores, rank-16
@@ -132,51 +132,86 @@ def top_k(
     max-cos within 1e-5 of float64. Wider blocks cost little more on a GPU, where the products are
     bound by reading W_0 once per step.
     """
-    m, n = op.shape
+    return top_k_stack(TunedStack(op.W0, [op.delta]), k, init, oversample, max_iter, tol, exact_up_to)[0]
+
+
+def top_k_stack(
+    stack: TunedStack,
+    k: int,
+    init: torch.Tensor | None = None,
+    oversample: int = 16,
+    max_iter: int = 30,
+    tol: float = 1e-4,
+    exact_up_to: int = 0,
+) -> list[SVD]:
+    """``top_k`` of each matrix of a stack (N LoRA updates of one base and rank, or one matrix), all
+    N iterations run together: every step is one product with W_0 for all N blocks, batched low-rank
+    products, batched QR and ``eigh``, and one look at the residuals. A matrix leaves the batch at the
+    step where its own test is met, so its triplets are those of its own run (to float32 rounding of
+    the batched products; one matrix runs exactly ``Tuned``'s products)."""
+    m, n = stack.shape
+    N = len(stack)
     width = min(k + oversample, m, n)
-    dtype, device = op.W0.dtype, op.W0.device
+    W0 = stack.W0
+    dtype, device = W0.dtype, W0.device
     if 2 * width >= min(m, n) or min(m, n) <= exact_up_to:
-        return exact_top_k(op.dense(), k)  # small matrices: the exact route is cheap and certain
-    blocks = [init[:, :width]] if init is not None else []
-    if isinstance(op.delta, LowRankDelta):
-        blocks.append(op.delta.B.to(dtype))  # intruders appear in the span of B: start there
-    Q = torch.cat(blocks, dim=1) if blocks else torch.empty(m, 0, dtype=dtype, device=device)
-    if Q.shape[1] < width:
+        return [exact_top_k(stack.dense(i), k) for i in range(N)]  # small matrices: cheap and certain
+    blocks = [init[:, :width].expand(N, m, width)] if init is not None else []
+    if stack.start() is not None:
+        blocks.append(stack.start().to(dtype))  # intruders appear in the span of B: start there
+    Q = torch.cat(blocks, dim=2) if blocks else torch.empty(N, m, 0, dtype=dtype, device=device)
+    if Q.shape[2] < width:
         g = torch.Generator(device="cpu").manual_seed(0)
-        extra = torch.randn(m, width - Q.shape[1], generator=g, dtype=dtype).to(device)
-        Q = torch.cat([Q, extra], dim=1)
+        extra = torch.randn(m, width - Q.shape[2], generator=g, dtype=dtype).to(device)
+        Q = torch.cat([Q, extra.expand(N, m, extra.shape[1])], dim=2)
     Q = _orth(Q)
     Qs, Zs, Ys = [Q], [], []
     floor = torch.finfo(dtype).eps * max(m, n) ** 0.5
+    out: list[SVD | None] = [None] * N
+    active = list(range(N))  # members of ``stack`` still iterating, as indices into the original stack
     step = 0
     for step in range(1, max_iter + 1):
-        Zs.append(op.rmm(Qs[-1]))  # W_tᵀ Q_i
-        Ys.append(op.mm(Zs[-1]))  # W_t W_tᵀ Q_i
-        Qb, Z, Y = torch.cat(Qs, 1), torch.cat(Zs, 1), torch.cat(Ys, 1)
+        Zs.append(stack.rmm(Qs[-1]))  # W_tᵀ Q_i
+        Ys.append(stack.mm(Zs[-1]))  # W_t W_tᵀ Q_i
+        Qb, Z, Y = torch.cat(Qs, 2), torch.cat(Zs, 2), torch.cat(Ys, 2)
         Z64 = Z.double()
-        evals, Ug = torch.linalg.eigh(Z64.T @ Z64)  # Rayleigh–Ritz on span(Qb): Ritz values σ²
-        evals, Ug = evals.flip(0).clamp_min(0), Ug.flip(1)
+        evals, Ug = torch.linalg.eigh(Z64.mT @ Z64)  # Rayleigh–Ritz on span(Qb): Ritz values σ²
+        evals, Ug = evals.flip(-1).clamp_min(0), Ug.flip(-1)
         ritz = evals.sqrt()
-        S = ritz[:k]
-        Uk = Ug[:, :k].to(dtype)
-        Sk = S.clamp_min(torch.finfo(torch.float64).tiny).to(dtype)
+        S = ritz[:, :k]
+        Uk = Ug[:, :, :k].to(dtype)
+        Sk = S.clamp_min(torch.finfo(torch.float64).tiny).to(dtype)[:, None, :]
         U = Qb @ Uk
-        residual = ((Y @ Uk) / Sk - U * Sk).norm(dim=0).double()
+        residual = ((Y @ Uk) / Sk - U * Sk).norm(dim=1).double()
         gaps = _gaps(ritz, k)
-        if bool((residual <= torch.maximum(tol * gaps, floor * ritz[0])).all()):
-            return SVD(U=U, S=S.to(dtype), V=(Z @ Uk) / Sk, exact=False, steps=step)
-        if Qb.shape[1] + width > min(m, n) // 2:
+        done = (residual <= torch.maximum(tol * gaps, floor * ritz[:, :1])).all(dim=1).tolist()  # one sync
+        for j, ok in enumerate(done):
+            if ok:
+                out[active[j]] = SVD(U=U[j], S=S[j].to(dtype), V=(Z[j] @ Uk[j]) / Sk[j], exact=False, steps=step)
+        if all(done):
+            return out
+        if Qb.shape[2] + width > min(m, n) // 2:
             break
-        nxt = _orth(Ys[-1] - Qb @ (Qb.T @ Ys[-1]))  # block Gram–Schmidt, repeated after normalising
-        Qs.append(_orth(nxt - Qb @ (Qb.T @ nxt)))  # so the new block stays orthogonal in float32
-    fallback = exact_top_k(op.dense(), k)
-    fallback.steps = step
-    return fallback
+        if any(done):  # the converged leave the batch
+            keep = [j for j, ok in enumerate(done) if not ok]
+            stack = stack.select(keep)
+            active = [active[j] for j in keep]
+            idx = torch.tensor(keep, device=device)
+            Qs, Zs, Ys = ([t.index_select(0, idx) for t in ts] for ts in (Qs, Zs, Ys))
+            Qb = Qb.index_select(0, idx)
+        nxt = _orth(Ys[-1] - Qb @ (Qb.mT @ Ys[-1]))  # block Gram–Schmidt, repeated after normalising
+        Qs.append(_orth(nxt - Qb @ (Qb.mT @ nxt)))  # so the new block stays orthogonal in float32
+    for j, i in enumerate(active):
+        fallback = exact_top_k(stack.dense(j), k)
+        fallback.steps = step
+        out[i] = fallback
+    return out
 
 
 def _gaps(s: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance of each of the top-k values to its nearest other value in ``s`` (descending)."""
-    d = (s[:k, None] - s[None, :]).abs()
+    """Distance of each of the top-k values to its nearest other value in ``s`` (descending; a
+    leading batch dimension allowed)."""
+    d = (s[..., :k, None] - s[..., None, :]).abs()
     idx = torch.arange(k, device=s.device)
-    d[idx, idx] = float("inf")
-    return d.min(dim=1).values
+    d[..., idx, idx] = float("inf")
+    return d.min(dim=-1).values

@@ -76,3 +76,61 @@ class Tuned:
 
     def dense(self) -> torch.Tensor:
         return self.W0 + dense(self.delta)
+
+
+class TunedStack:
+    """N tuned matrices of one base, W_t^(i) = W_0 + ΔW_i, applied together: ``mm`` and ``rmm`` take
+    and give (N, ·, c) blocks, one per matrix. For LoRA updates of one rank (``lowrank``) the products
+    with W_0 are one matrix product with all N blocks side by side and the low-rank terms one batched
+    product, so N adapters cost about the kernel launches of one (the many-adapter scan). Anything
+    else (a dense ΔW, mixed ranks) holds one matrix: ``of`` builds the groups."""
+
+    def __init__(self, W0: torch.Tensor, deltas: list[Delta]):
+        self.W0, self.deltas = W0, deltas
+        self.shape = tuple(W0.shape)
+        self.lowrank = all(isinstance(d, LowRankDelta) for d in deltas) and len({d.rank for d in deltas}) == 1
+        if len(deltas) > 1 and not self.lowrank:
+            raise ValueError("a stack of several updates needs LoRA updates of one rank")
+        if self.lowrank:
+            self.B = torch.stack([d.B for d in deltas])  # (N, m, r)
+            self.A = torch.stack([d.A for d in deltas])  # (N, r, n)
+            self.scale = torch.tensor([d.scale for d in deltas], dtype=W0.dtype).to(W0.device)[:, None, None]
+
+    @staticmethod
+    def of(W0: torch.Tensor, deltas: list[Delta]) -> list[tuple[list[int], TunedStack]]:
+        """The updates grouped into stacks: LoRA updates by rank (in order of first appearance), every
+        other update alone; each with the indices of its members in ``deltas``."""
+        groups: dict[object, list[int]] = {}
+        for i, d in enumerate(deltas):
+            groups.setdefault(("lora", d.rank) if isinstance(d, LowRankDelta) else ("dense", i), []).append(i)
+        return [(idx, TunedStack(W0, [deltas[i] for i in idx])) for idx in groups.values()]
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def select(self, keep: list[int]) -> TunedStack:
+        return TunedStack(self.W0, [self.deltas[i] for i in keep])
+
+    def _w0(self, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """M @ X_i for every block X_i of X (N, d, c), as one product of M with the blocks side by side."""
+        N, d, c = X.shape
+        return (M @ X.transpose(0, 1).reshape(d, N * c)).reshape(M.shape[0], N, c).transpose(0, 1)
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        """W_t^(i) @ X_i for each block: (N, n, c) → (N, m, c)."""
+        if len(self) > 1:
+            return self._w0(self.W0, X) + self.scale * (self.B @ (self.A @ X))
+        return Tuned(self.W0, self.deltas[0]).mm(X[0])[None]  # one matrix: exactly the products of Tuned
+
+    def rmm(self, Y: torch.Tensor) -> torch.Tensor:
+        """W_t^(i)ᵀ @ Y_i for each block: (N, m, c) → (N, n, c)."""
+        if len(self) > 1:
+            return self._w0(self.W0.T, Y) + self.scale * (self.A.mT @ (self.B.mT @ Y))
+        return Tuned(self.W0, self.deltas[0]).rmm(Y[0])[None]
+
+    def start(self) -> torch.Tensor | None:
+        """The updates' column spaces (N, m, r), where intruders appear; None for dense updates."""
+        return self.B if self.lowrank else None
+
+    def dense(self, i: int) -> torch.Tensor:
+        return Tuned(self.W0, self.deltas[i]).dense()

@@ -18,12 +18,46 @@ def delta_singular_values(delta: Delta) -> torch.Tensor:
     Dense ΔW: eigenvalues of the smaller Gram matrix.
     """
     if isinstance(delta, LowRankDelta):
-        rb = torch.linalg.qr(delta.B).R
-        ra = torch.linalg.qr(delta.A.T).R
-        return torch.linalg.svdvals(abs(delta.scale) * (rb @ ra.T))
+        return lowrank_singular_values(delta.B, delta.A, abs(delta.scale))
     m, n = delta.shape
     gram = delta @ delta.T if m <= n else delta.T @ delta
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def lowrank_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``delta_singular_values`` of s·B A from its factors, for one update or a stack of them
+    (B: (…, m, r), A: (…, r, n), scale ≥ 0 of shape (…, 1, 1)): the singular values of the core
+    s·R_B R_Aᵀ."""
+    rb = torch.linalg.qr(B).R
+    ra = torch.linalg.qr(A.mT).R
+    return torch.linalg.svdvals(scale * (rb @ ra.mT))
+
+
+def lowrank_frobenius(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """‖s_i B_i A_i‖_F for a stack (B: (N, m, r), A: (N, r, n), scale: (N, 1, 1)), as in ``delta_frobenius``."""
+    gram = (B.mT @ B) * (A @ A.mT)
+    return scale.abs().flatten() * gram.sum(dim=(1, 2)).clamp_min(0).sqrt()
+
+
+def lowrank_kurtosis(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``delta_kurtosis`` of each update s_i B_i A_i of a stack (B: (N, m, r), A: (N, r, n), scale:
+    (N, 1, 1)), float64, NaN where undefined; ΔW formed ``block`` entries-rows at a time for all N,
+    the sums kept on the device (one transfer for the caller, not one per block)."""
+    N, m, _ = B.shape
+    n = A.shape[-1]
+    s = scale.double()
+    A64 = A.double()
+    total = s.flatten() * (B.double().sum(1)[:, None, :] @ A64.sum(2)[:, :, None]).flatten()  # s (1ᵀB)(A 1)
+    mean = (total / (m * n))[:, None, None]
+    m2 = torch.zeros(N, dtype=torch.float64, device=B.device)
+    m4 = torch.zeros_like(m2)
+    rows = max(1, block // N)
+    for i in range(0, m, rows):
+        c2 = (s * (B[:, i:i + rows].double() @ A64) - mean).square()
+        m2 += c2.sum(dim=(1, 2))
+        m4 += c2.square().sum(dim=(1, 2))
+    m2, m4 = m2 / (m * n), m4 / (m * n)
+    return torch.where(m2 > 0, m4 / m2.square() - 3.0, torch.nan)
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -55,22 +89,16 @@ def delta_kurtosis(delta: Delta, block: int = 1024) -> float | None:
     """Excess kurtosis of the entries x of ΔW (Fisher): m_4 / m_2² − 3, m_p = mean((x − x̄)^p), in
     float64 over row blocks (a LoRA ΔW is formed block by block, never whole). 0 for Gaussian entries;
     heavy tails (a few large entries) give large values. None when ΔW is constant (m_2 = 0)."""
-    m, n = delta.shape
-
-    def rows(i: int) -> torch.Tensor:
-        if isinstance(delta, LowRankDelta):
-            return delta.scale * (delta.B[i:i + block].double() @ delta.A.double())
-        return delta[i:i + block].double()
-
     if isinstance(delta, LowRankDelta):  # Σ_ij ΔW_ij = s (1ᵀB)(A 1): the mean without forming ΔW
-        total = delta.scale * float(delta.B.double().sum(0) @ delta.A.double().sum(1))
+        scale = torch.tensor(delta.scale, dtype=torch.float64).to(delta.B.device).reshape(1, 1, 1)
+        k = float(lowrank_kurtosis(delta.B[None], delta.A[None], scale, block)[0])
     else:
-        total = float(delta.sum(dtype=torch.float64))
-    mean = total / (m * n)
-    m2 = m4 = 0.0
-    for i in range(0, m, block):
-        c2 = (rows(i) - mean) ** 2
-        m2, m4 = m2 + float(c2.sum()), m4 + float((c2 * c2).sum())
-    m2, m4 = m2 / (m * n), m4 / (m * n)
-    k = m4 / m2**2 - 3.0 if m2 > 0 else math.nan
+        m, n = delta.shape
+        mean = delta.sum(dtype=torch.float64) / (m * n)
+        m2 = m4 = torch.zeros((), dtype=torch.float64, device=delta.device)
+        for i in range(0, m, block):
+            c2 = (delta[i:i + block].double() - mean).square()
+            m2, m4 = m2 + c2.sum(), m4 + c2.square().sum()
+        m2, m4 = float(m2) / (m * n), float(m4) / (m * n)
+        k = m4 / m2**2 - 3.0 if m2 > 0 else math.nan
     return k if math.isfinite(k) else None  # m_2 underflowing: undefined, not a number to store
