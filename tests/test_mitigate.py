@@ -606,10 +606,13 @@ def test_converged_krylov_edit_equals_the_exact_float64_edit():
     assert torch.linalg.norm(plan.C @ plan.D - ref) <= 1e-9 * torch.linalg.norm(ref)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("fmt", ["adapter", "merged"])
-def test_cpu_mitigate_with_several_streams_writes_what_one_stream_writes(llama, tmp_path, monkeypatch, fmt):
-    """Matrices planned at once on the CPU (one per thread) give the same records and the same adapter
-    or merged model, in order, and torch's thread count is restored."""
+def test_mitigate_with_several_streams_writes_what_one_stream_writes(llama, tmp_path, monkeypatch, fmt, device):
+    """Matrices planned at once (on the CPU one per thread, on a GPU each in its own thread and CUDA
+    stream) give the same records and the same adapter or merged model, in order, and torch's thread
+    count is restored."""
     from safetensors.torch import load_file
 
     import lorascope.mitigation.writers as w
@@ -621,7 +624,7 @@ def test_cpu_mitigate_with_several_streams_writes_what_one_stream_writes(llama, 
         monkeypatch.setattr(w, "default_streams", lambda *a, s=streams: s)
         outs[streams] = tmp_path / f"s{streams}"
         lorascope.mitigate(str(root / "base"), str(root / "adapter"), outs[streams], lam=0.25, which="all",
-                           embeddings=True, device="cpu", format=fmt)
+                           embeddings=True, device=device, format=fmt)
         assert torch.get_num_threads() == before
     one, many = (json.loads((outs[s] / "mitigation.json").read_text())["matrices"] for s in (1, 3))
     assert [m["name"] for m in many] == [m["name"] for m in one] and sum(m["n_intruders"] for m in one) > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from lorascope.scanning.analyze import floats
 from lorascope.scanning.engine import default_streams, prefetch, share_threads
 from lorascope.scanning.pairing import MatrixPair
 from lorascope.schema import MatrixMitigation
-from lorascope.spectral import Tuned
+from lorascope.spectral import LowRankDelta, Tuned
 from lorascope.spectral.edit import Plan, compress_factors, extend_factors, plan_matrix
 
 
@@ -97,20 +98,31 @@ Planned = tuple[MatrixPair, torch.Tensor, torch.Tensor, Any, torch.Tensor, Plan]
 
 def planned(run: Run, pairs: list[MatrixPair]) -> Iterator[Planned]:
     """(pair, W_0 as stored, W_0, ΔW, W_t, plan) for each pair, in order: each base matrix read once.
-    On a GPU the next two base matrices are read (and moved to the device) while this one is planned.
-    On the CPU several small matrices are read and planned at once, one per intra-op thread, as
-    ``scanning.engine.scan_jobs`` analyses them (SmolLM2-135M, 2 cores: ``docs/performance.md``);
-    each plan's arithmetic is the same."""
-    streams = default_streams(run.base, pairs, run.device, torch.float64) if run.device.type == "cpu" else 1
+    Several matrices are read and planned at once, as ``scanning.engine.scan_jobs`` analyses them:
+    on a GPU each in its own thread and CUDA stream (one float64 ``eigh`` runs while other matrices
+    take their Krylov steps), on the CPU one per intra-op thread (SmolLM2-135M, 2 cores:
+    ``docs/performance.md``); each plan's arithmetic is the same."""
+    streams = default_streams(run.base, pairs, run.device, torch.float64)
+    cuda = run.device.type == "cuda"
+    local = threading.local()
 
     def load(pair: MatrixPair) -> tuple[MatrixPair, torch.Tensor, torch.Tensor, Any]:
         stored = run.base.get(pair.name)
         return (pair, stored, *run.tuned_matrix(pair, stored))
 
     def load_and_plan(pair: MatrixPair) -> Planned:
-        pair, stored, W0, delta = load(pair)
-        Wt = Tuned(W0, delta).dense()
-        return pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
+        if not cuda:
+            pair, stored, W0, delta = load(pair)
+            Wt = Tuned(W0, delta).dense()
+            return pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(run.device)
+        with torch.cuda.stream(local.stream):
+            pair, stored, W0, delta = load(pair)
+            Wt = Tuned(W0, delta).dense()
+            item = pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
+        local.stream.synchronize()  # the consumer uses the results on its own stream
+        return item
 
     items = run.track(pairs, "mitigating matrices")
     if streams == 1:
@@ -118,8 +130,25 @@ def planned(run: Run, pairs: list[MatrixPair]) -> Iterator[Planned]:
             Wt = Tuned(W0, delta).dense()
             yield pair, stored, W0, delta, Wt, run.plan(W0, Wt, delta)
         return
+    if cuda:  # the first linalg call loads cuSOLVER, which two threads must not do at once
+        torch.linalg.eigvalsh(torch.eye(2, device=run.device))
     with share_threads(streams, run.device):
-        yield from prefetch(items, load_and_plan, workers=streams, depth=streams + 1)
+        for item in prefetch(items, load_and_plan, workers=streams, depth=streams + 1):
+            if cuda:
+                _adopt(item)
+            yield item
+
+
+def _adopt(item: Planned) -> None:
+    """Tell the caching allocator that the consumer's stream uses the tensors a worker's stream made,
+    so their memory is not reused by that worker before the consumer is done with them."""
+    _, _, W0, delta, Wt, plan = item
+    tensors = [W0, Wt, plan.C, plan.D, plan.tuned.U, plan.tuned.S, plan.tuned.V, plan.max_cos, plan.best_match]
+    tensors += [delta.B, delta.A] if isinstance(delta, LowRankDelta) else [delta]
+    stream = torch.cuda.current_stream()
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(stream)
 
 
 # -- adapter output ------------------------------------------------------------------------------
