@@ -151,7 +151,8 @@ def test_a_stack_of_lora_updates_gives_each_its_own_top_k():
             assert torch.allclose(got.S, alone.S, rtol=1e-6)
             assert torch.allclose((got.U * alone.U).sum(0).abs(), torch.ones(10), atol=1e-5)
             Ut, St, _ = torch.linalg.svd(Tuned(W0.double(), d.to("cpu", torch.float64)).dense())
-            assert torch.allclose(got.S.double(), St[:10], rtol=1e-5)
+            # float32: each σ is within ~eps·σ_max of the truth, so the bound is on σ_max's scale
+            assert torch.allclose(got.S.double(), St[:10], rtol=0, atol=2e-6 * float(St[0]))
             assert float((1 - (got.U.double() * Ut[:, :10]).sum(0).abs()).abs().max()) < 1e-5
         assert len(steps) > 1  # the members did not all stop at the same step
 
