@@ -157,6 +157,28 @@ def test_a_stack_of_lora_updates_gives_each_its_own_top_k():
         assert len(steps) > 1  # the members did not all stop at the same step
 
 
+def test_exact_route_resolves_a_dense_bulk_under_a_large_spike():
+    """float32's Gram matrix rotates the bulk vectors among themselves when a LoRA direction is
+    ~100× the base's σ_1 (max-cos off by ~1e-2); exact_top_k sees it from the gaps and redoes the
+    Gram matrix in float64, so every top-k vector matches a float64 SVD."""
+    from lorascope.spectral.decompose import exact_top_k
+
+    W0, *_ = decaying(400, 600, seed=3, top=5.0, bottom=0.05)
+    g = torch.Generator().manual_seed(4)
+    Wt = W0 + torch.randn(400, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 600, generator=g).double()
+    Ut, St, _ = torch.linalg.svd(Wt)
+    for threads in (1, 2):  # the float32 error depends on the BLAS blocking; the bound must hold for each
+        with torch.inference_mode():
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = exact_top_k(Wt.float(), 10)
+            finally:
+                torch.set_num_threads(old)
+        assert float((1 - (got.U.double() * Ut[:, :10]).sum(0).abs()).max()) < 1e-6
+        assert torch.allclose(got.S.double(), St[:10], rtol=1e-6)
+
+
 def test_lora_core_singular_values_equal_dense_svd():
     g = torch.Generator().manual_seed(9)
     d = LowRankDelta(torch.randn(50, 6, generator=g, dtype=torch.float64),

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +83,25 @@ def left_basis(W: torch.Tensor, block: int | None = None) -> SVD:
     return SVD(U=U, S=S, V=V)
 
 
-def exact_top_k(W: torch.Tensor, k: int) -> SVD:
-    """Top-k triplets of a dense W from the Gram eigendecomposition (exact route)."""
+def exact_top_k(W: torch.Tensor, k: int, tol: float = 1e-4) -> SVD:
+    """Top-k triplets of a dense W from the Gram eigendecomposition (exact route).
+
+    The Gram matrix squares the condition: eigenvector j of G = W Wᵀ in W's dtype is off by an angle
+    of about eps·√max(m, n)·σ_1² / gap_j(σ²) (Davis–Kahan on eigh's backward error), σ_1/(2σ_j) times
+    what an SVD of W itself reaches. Where that exceeds what ``top_k`` accepts of a Krylov vector,
+    max(tol, eps·√max(m, n)·σ_1 / gap_j(σ)), e.g. a LoRA direction 100× the base's σ_1 above a dense
+    bulk (max-cos off by 1e-2 in float32), the Gram matrix is formed and decomposed again in float64.
+    """
+    svd, S_all = _gram_top_k(W, k, W.dtype)
+    if W.dtype != torch.float64 and not _gram_resolves(S_all, k, W.shape, torch.finfo(W.dtype).eps, tol):
+        svd, _ = _gram_top_k(W, k, torch.float64)
+        svd = SVD(U=svd.U.to(W.dtype), S=svd.S.to(W.dtype), V=svd.V.to(W.dtype))
+    return svd
+
+
+def _gram_top_k(W: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[SVD, torch.Tensor]:
     m, n = W.shape
+    W = W.to(dtype)
     if m <= n:
         evals, U = torch.linalg.eigh(W @ W.T)
         U, S = U.flip(1)[:, :k], evals.flip(0)[:k].clamp_min(0).sqrt()
@@ -95,7 +112,25 @@ def exact_top_k(W: torch.Tensor, k: int) -> SVD:
         V, S = V.flip(1)[:, :k], evals.flip(0)[:k].clamp_min(0).sqrt()
         U = W @ V
         U = U / U.norm(dim=0).clamp_min(torch.finfo(W.dtype).tiny)
-    return SVD(U=U, S=S, V=V)
+    return SVD(U=U, S=S, V=V), evals.flip(0).clamp_min(0).sqrt()
+
+
+def _gram_resolves(S: torch.Tensor, k: int, shape: tuple[int, int], eps: float, tol: float) -> bool:
+    """Whether the Gram route's angle bound (``exact_top_k``) is within the Krylov acceptance for
+    each of the top k, from all the singular values S (descending) that the eigh gave."""
+    S = S[: k + 1].double()
+    if S.numel() < 2 or float(S[0]) == 0.0:
+        return True
+    L = S.square()
+    big = float("inf")
+    gap_l = torch.full_like(L, big)
+    gap_s = torch.full_like(S, big)
+    gap_l[:-1], gap_s[:-1] = L[:-1] - L[1:], S[:-1] - S[1:]  # to the next one down
+    gap_l[1:], gap_s[1:] = torch.minimum(gap_l[1:], L[:-1] - L[1:]), torch.minimum(gap_s[1:], S[:-1] - S[1:])
+    unit = eps * math.sqrt(max(shape))
+    gram = unit * float(L[0]) / gap_l[:k]
+    krylov = torch.clamp(unit * float(S[0]) / gap_s[:k], min=tol)
+    return bool((gram <= krylov).all())
 
 
 def _orth(X: torch.Tensor) -> torch.Tensor:
