@@ -197,7 +197,20 @@ def test_mitigate_writes_the_merged_model(tmp_path, one_thread, residual):
         assert torch.allclose(o.get(name).double(), m.get(name).double(), atol=1e-5), name
 
 
-def test_relabelled_pissa_adapter_warns(tmp_path, one_thread):
+def test_top_singular_value_bound_is_a_close_lower_bound():
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    graded = torch.linalg.qr(rand(120, 120))[0] * torch.linspace(1, 3, 120)
+    for W in (rand(300, 200), rand(80, 1) @ rand(1, 90), graded):
+        s1 = float(torch.linalg.matrix_norm(W, 2))
+        assert 0.5 * s1 < res.top_singular_value_bound(W) <= s1 * (1 + 1e-12)
+    assert res.top_singular_value_bound(torch.zeros(5, 4)) == 0.0
+
+
+def test_relabelled_pissa_adapter_warns(tmp_path, one_thread, monkeypatch):
     """PEFT's PiSSA recipe trains an adapter saved with init_lora_weights=True on the residual model:
     its config says plain LoRA. The scan warns and points to --residual-base."""
     residual = tmp_path / "residual"
@@ -213,7 +226,11 @@ def test_relabelled_pissa_adapter_warns(tmp_path, one_thread):
     assert_matches_oracle(base, adapter, merged, residual_base=str(residual))
     plain = tmp_path / "plain"
     plain.mkdir()
-    b, a, _ = build(plain, lora())
+    b, a, _ = build(plain, lora(), train=lambda pm: perturb(pm, scale=0.01))  # ΔW below W_0, as trained
+    inits = []
+    mutation = res.mutation
+    monkeypatch.setattr(res, "mutation", lambda init, *a, **kw: inits.append(init) or mutation(init, *a, **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scan(str(b), str(a), k=4)
+    assert "pissa" not in inits  # a trained LoRA's ΔW is far below σ_1(W_0): no decomposition of W_0

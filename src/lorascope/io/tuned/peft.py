@@ -390,7 +390,13 @@ class PeftAdapter:
             return
         with torch.no_grad():
             D = d.to(W0.device, torch.float64).dense()
+            # ‖M‖ ≥ σ_1(W_0) for PiSSA's M = U_r U_rᵀ W_0, so a ΔW below half a lower bound on σ_1 leaves
+            # ‖D − M‖ ≥ ‖M‖ − ‖D‖ > ‖M‖/2: it cannot be a PiSSA part, and W_0's decomposition is skipped
+            # (a float64 eigh per adapter, seconds at 7B, for the trained LoRA that nearly every adapter is)
+            small = float(torch.linalg.matrix_norm(D)) < 0.5 * res.top_singular_value_bound(W0)
             for init in res.EXACT:
+                if init == "pissa" and small:
+                    continue
                 try:
                     B_M, A_M = res.mutation(init, W0, kind, d.rank, d.scale, ref)
                 except InputError:

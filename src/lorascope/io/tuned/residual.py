@@ -63,6 +63,18 @@ def needs_residual_reason(init: str) -> str | None:
     return f"lorascope does not know what init_lora_weights='{init}' does to the base weight"
 
 
+def top_singular_value_bound(W: torch.Tensor, steps: int = 4) -> float:
+    """A lower bound on σ_1(W) from a few matrix-vector products: ‖Wᵀy‖ / ‖y‖ ≤ σ_1 for every y ≠ 0,
+    with y a few power steps of W Wᵀ from W's largest column (itself already a bound)."""
+    W = W.to(torch.float64)
+    y = W[:, int(W.norm(dim=0).argmax())]
+    for _ in range(steps):
+        if float(y.norm()) == 0.0:  # W = 0
+            return 0.0
+        y = W @ (W.T @ (y / y.norm()))
+    return float((W.T @ y).norm() / y.norm())
+
+
 def mutation(init: str, W0: torch.Tensor, kind: str, r: int, scale: float,
              where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """M = B_M A_M (both float64, (out, in) layout) with W_res = W_0 − M, for an ``EXACT`` init.
@@ -95,7 +107,9 @@ def mutation(init: str, W0: torch.Tensor, kind: str, r: int, scale: float,
             raise InputError(f"{where}: OLoRA rank {r} exceeds the rank bound {min(Ws.shape)} of the weight")
         Q, R = torch.linalg.qr(Ws[:, :r])
         d = R.diagonal().abs()
-        if float(d.min()) <= 1e-6 * float(torch.linalg.matrix_norm(Ws, 2)):
+        # relative to those r columns' own norm (an m × r SVD): the full W's ‖·‖₂ was a float64 SVD of
+        # the whole matrix per module, seconds each at 7B
+        if float(d.min()) <= 1e-6 * float(torch.linalg.matrix_norm(Ws[:, :r], 2)):
             raise InputError(
                 f"{where}: OLoRA's base weight W_res = W_0 − s·Q_r R_r is not determined by W_0: its first {r} "
                 "columns are (nearly) linearly dependent; pass the residual model you saved after the init "
