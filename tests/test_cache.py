@@ -124,6 +124,11 @@ def test_scan_with_cache_dir_hits_on_the_second_scan(tmp_path, llama_lora):
         warnings.simplefilter("error", CacheWarning)  # every honest entry passes its certification
         second = scan(str(base), str(adapter), device="cpu", side="both", cache_dir=str(tmp_path / "cache"))
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # nothing rewritten: every basis was a hit
+    # where the cache's time went: the fill hashed, certified its float16 form and wrote; the hit certified
+    fill, hit = first.timing["cache_seconds"], second.timing["cache_seconds"]
+    assert fill["hashing"] > 0 and fill["certifying"] > 0 and fill["writing"] > 0
+    assert hit["certifying"] > 0 and hit["writing"] == 0 and hit["hashing"] == 0  # digests from the memo
+    assert "cache_seconds" not in plain.timing
     for a, b, c in zip(plain.matrices, first.matrices, second.matrices, strict=True):
         assert a.max_cos == b.max_cos  # a miss computes exactly what the plain scan computes
         assert c.max_cos == pytest.approx(a.max_cos, abs=1e-4) and c.n_intruders == a.n_intruders

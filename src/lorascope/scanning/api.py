@@ -110,6 +110,8 @@ def scan_many(
         timing: dict[str, Any] = {"seconds": seconds, "n_matrices": len(pairs)}
         if len(sources) > 1:
             timing["scanned_together"] = len(sources)  # seconds: the whole batch's
+        if cache is not None:  # thread-seconds inside the cache; waiting_for_writers is on the scan's path
+            timing["cache_seconds"] = {what: round(t, 3) for what, t in cache.seconds.items()}
         out.append(ScanResult(settings=settings_out, matrices=distributed.gather(recs, pairs), versions=versions,
                               unpaired=unpaired, timing=timing, command=command, created=created))
     return out

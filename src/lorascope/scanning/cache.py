@@ -358,6 +358,8 @@ class BasisCache:
         self.budget = parse_size(budget)
         self.index = self.root / "index.sqlite"
         self.stats = {"hits": 0, "misses": 0, "rejected": 0, "hashed": 0, "memo_hits": 0, "evicted": 0}
+        # thread-seconds of the cache's own work, summed over threads, for the scan's timing
+        self.seconds = {"hashing": 0.0, "certifying": 0.0, "writing": 0.0, "waiting_for_writers": 0.0}
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         try:
@@ -492,6 +494,16 @@ class BasisCache:
         with self._lock:
             self.stats[what] += 1
 
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        """Add the block's wall time to ``seconds[what]``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[what] += time.perf_counter() - t
+
     # -- identity memo -----------------------------------------------------------------------------
     def digest(self, file: Path, tensor: str, t: torch.Tensor) -> str:
         """The content digest of ``tensor`` in ``file``, from the memo when the file's identity matches."""
@@ -507,7 +519,8 @@ class BasisCache:
             if row and tuple(row[:5]) == ident[1:] and isinstance(row[5], str) and _DIGEST.fullmatch(row[5]):
                 self._count("memo_hits")
                 return row[5], True
-        d = tensor_digest(t)
+        with self.timed("hashing"):
+            d = tensor_digest(t)
         self._count("hashed")
         if ident is not None:
             self.remember(ident, tensor, d)
@@ -553,7 +566,8 @@ class BasisCache:
     def accept(self, key: str, hit: SVD, W: torch.Tensor, what: str) -> SVD | None:
         """``hit`` certified against W (as a basis in W's dtype and device), or None after a warning
         naming the entry's file and ``what`` (the tensor)."""
-        cert = certify(W, hit.U, hit.S)
+        with self.timed("certifying"):
+            cert = certify(W, hit.U, hit.S)
         if cert.ok:
             self._count("hits")
             return SVD(U=cert.U.to(W.dtype), S=hit.S.to(W.device))
@@ -740,9 +754,11 @@ class ScanHook:
             if ekey is not None and not self.cache.readonly:
                 self._raise_writer_error()
                 U16 = svd.U.to(torch.float16)
-                cert = certify(W, U16, svd.S.to(torch.float64))
+                with self.cache.timed("certifying"):
+                    cert = certify(W, U16, svd.S.to(torch.float64))
                 if cert.ok:
-                    self._queue.put((ekey, U16, svd.S))
+                    with self.cache.timed("waiting_for_writers"):  # the queue is full: the disk is behind
+                        self._queue.put((ekey, U16, svd.S))
                 else:
                     self.cache._warn(f"{self.cache._path(ekey)}: the basis of {what} is not cached: its float16 "
                                      f"form does not pass certification ({cert.reason})")
@@ -775,7 +791,8 @@ class ScanHook:
                 return
             try:
                 if self._error is None:
-                    self.cache.store(*job)
+                    with self.cache.timed("writing"):
+                        self.cache.store(*job)
             except BaseException as e:  # reported on the compute thread at the next put or at close
                 self._error = e
 
@@ -787,9 +804,10 @@ class ScanHook:
 
     def close(self) -> None:
         """Wait for pending writes (called when the scan ends, also on error)."""
-        for _ in self._writers:
-            self._queue.put(None)
-        for t in self._writers:
-            t.join()
+        with self.cache.timed("waiting_for_writers"):
+            for _ in self._writers:
+                self._queue.put(None)
+            for t in self._writers:
+                t.join()
         self.cache.checkpoint()
         self._raise_writer_error()
