@@ -93,7 +93,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -495,7 +495,7 @@ class BasisCache:
             self.stats[what] += 1
 
     @contextlib.contextmanager
-    def timed(self, what: str):
+    def timed(self, what: str) -> Iterator[None]:
         """Add the block's wall time to ``seconds[what]``."""
         t = time.perf_counter()
         try:

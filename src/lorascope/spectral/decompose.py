@@ -119,12 +119,9 @@ def _resolved(W: torch.Tensor, svd: SVD, S_all: torch.Tensor, k: int, tol: float
     """Whether every top-k triplet meets ``top_k``'s stopping test (``exact_top_k``)."""
     if S_all.numel() < 2 or float(S_all[0]) == 0.0:
         return True
-    m, n = W.shape
     U, S, V = svd.U, svd.S, svd.V
     residual = torch.maximum((W @ V - U * S).norm(dim=0), (W.T @ U - V * S).norm(dim=0)).double()
-    floor = torch.finfo(W.dtype).eps * max(m, n) ** 0.5 * float(S_all[0])
-    gaps = _gaps(S_all.double(), min(k, S_all.numel()))
-    return bool((residual <= torch.clamp(tol * gaps, min=floor)).all())
+    return bool(_stops(residual, S_all.double(), min(k, S_all.numel()), tol, tuple(W.shape), W.dtype))
 
 
 def _orth(X: torch.Tensor) -> torch.Tensor:
@@ -195,7 +192,6 @@ def top_k_stack(
         Q = torch.cat([Q, extra.expand(N, m, extra.shape[1])], dim=2)
     Q = _orth(Q)
     Qs, Zs, Ys = [Q], [], []
-    floor = torch.finfo(dtype).eps * max(m, n) ** 0.5
     out: list[SVD | None] = [None] * N
     active = list(range(N))  # members of ``stack`` still iterating, as indices into the original stack
     step = 0
@@ -212,8 +208,7 @@ def top_k_stack(
         Sk = S.clamp_min(torch.finfo(torch.float64).tiny).to(dtype)[:, None, :]
         U = Qb @ Uk
         residual = ((Y @ Uk) / Sk - U * Sk).norm(dim=1).double()
-        gaps = _gaps(ritz, k)
-        done = (residual <= torch.maximum(tol * gaps, floor * ritz[:, :1])).all(dim=1).tolist()  # one sync
+        done = _stops(residual, ritz, k, tol, (m, n), dtype).tolist()  # one sync
         for j, ok in enumerate(done):
             if ok:
                 out[active[j]] = SVD(U=U[j], S=S[j].to(dtype), V=(Z[j] @ Uk[j]) / Sk[j], exact=False, steps=step)
@@ -235,6 +230,15 @@ def top_k_stack(
         fallback.steps = step
         out[i] = fallback
     return out
+
+
+def _stops(residual: torch.Tensor, s: torch.Tensor, k: int, tol: float, shape: tuple[int, int],
+           dtype: torch.dtype) -> torch.Tensor:
+    """``top_k``'s stopping test, per row: every top-k residual r_j within max(tol·gap_j, floor·σ_1),
+    floor = eps·√max(m, n) in the products' ``dtype`` (Wedin: the angle error is at most r_j / gap_j);
+    ``s`` holds every Ritz / singular value found, descending."""
+    floor = torch.finfo(dtype).eps * max(shape) ** 0.5
+    return (residual <= torch.maximum(tol * _gaps(s, k), floor * s[..., :1])).all(dim=-1)
 
 
 def _gaps(s: torch.Tensor, k: int) -> torch.Tensor:

@@ -69,9 +69,10 @@ def top_singular_value_bound(W: torch.Tensor, steps: int = 4) -> float:
     W = W.to(torch.float64)
     y = W[:, int(W.norm(dim=0).argmax())]
     for _ in range(steps):
-        if float(y.norm()) == 0.0:  # W = 0
+        norm = float(y.norm())
+        if norm == 0.0:  # W = 0
             return 0.0
-        y = W @ (W.T @ (y / y.norm()))
+        y = W @ (W.T @ (y / norm))
     return float((W.T @ y).norm() / y.norm())
 
 
